@@ -1,0 +1,46 @@
+"""Suite-wide fixtures, and the deselection of tests whose service is not configured.
+
+Tests marked `postgres` or `redis` run only when DATABASE_URL points at PostgreSQL or REDIS_URL
+is set (CI's second pass). They are deselected otherwise, not skipped; with
+METERLINE_REQUIRE_SERVICES=postgres,redis a missing service fails the run instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from django.conf import settings
+
+from usage.selectors import meter_cache_clear
+
+
+def _available() -> set[str]:
+    available = set()
+    if settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        available.add("postgres")
+    if settings.REDIS_URL:
+        available.add("redis")
+    return available
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    available = _available()
+    required = {s for s in os.environ.get("METERLINE_REQUIRE_SERVICES", "").split(",") if s}
+    if required - available:
+        raise pytest.UsageError(f"Required services not configured: {required - available}")
+    keep, drop = [], []
+    for item in items:
+        needs = {name for name in ("postgres", "redis") if item.get_closest_marker(name)}
+        (keep if needs <= available else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(autouse=True)
+def _fresh_meter_cache():
+    """The meter cache is per process; every test starts without one."""
+    meter_cache_clear()
+    yield
+    meter_cache_clear()

@@ -1,0 +1,113 @@
+"""Meters (what is measured, defined by staff) and usage events (the system of record)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import models
+
+from accounts.models import Organisation
+from usage.aggregation import Aggregation, MeterSpec, SpecError
+
+
+class Meter(models.Model):
+    """A measured thing, shared by every organisation: its code is the event name clients send."""
+
+    code = models.SlugField(max_length=64, unique=True, help_text="The event name, e.g. api_calls.")
+    name = models.CharField(max_length=200)
+    unit = models.CharField(max_length=32, default="unit", help_text="Shown after quantities.")
+    aggregation = models.CharField(
+        max_length=16, choices=[(a.value, a.value) for a in Aggregation]
+    )
+    # The event property that carries the number (or, for unique_count, the value counted);
+    # empty for count meters.
+    property_name = models.CharField(max_length=64, blank=True, default="")
+    # {"region": ["eu", "us"]}: an event counts only when each named property has a listed value.
+    filters = models.JSONField(default=dict, blank=True)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["code"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(aggregation__in=[a.value for a in Aggregation]),
+                name="meter_aggregation_valid",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(aggregation="count", property_name="")
+                | (~models.Q(aggregation="count") & ~models.Q(property_name="")),
+                name="meter_property_matches_aggregation",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.code
+
+    def clean(self) -> None:
+        try:
+            MeterSpec.from_json(self.spec_document())
+        except SpecError as exc:
+            raise ValidationError(str(exc)) from exc
+
+    def spec_document(self) -> dict[str, Any]:
+        document: dict[str, Any] = {"aggregation": self.aggregation}
+        if self.property_name:
+            document["property"] = self.property_name
+        if self.filters:
+            document["filters"] = self.filters
+        return document
+
+    @property
+    def spec(self) -> MeterSpec:
+        return MeterSpec.from_json(self.spec_document())
+
+
+class UsageEvent(models.Model):
+    """One usage event as received: append-only, attributed by its own timestamp."""
+
+    class Source(models.TextChoices):
+        API = "api", "HTTP API"
+        RECORD = "record", "In-process record()"
+        IMPORT = "import", "import_events"
+
+    organisation = models.ForeignKey(Organisation, on_delete=models.PROTECT, related_name="+")
+    meter = models.ForeignKey(Meter, on_delete=models.PROTECT, related_name="+")
+    # The number this event contributes to its meter (1 for count and unique_count), at most
+    # 6 decimal places and 15 significant digits (validated in usage.aggregation).
+    quantity = models.DecimalField(max_digits=24, decimal_places=6)
+    properties = models.JSONField(default=dict, blank=True)
+    # Event time, UTC: decides the period the event is billed in, whatever its arrival time.
+    timestamp = models.DateTimeField()
+    received_at = models.DateTimeField()
+    # Unique per organisation for ever: a retried event is answered `duplicate`, counted once.
+    idempotency_key = models.CharField(max_length=255)
+    source = models.CharField(max_length=8, choices=Source.choices, default=Source.API)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organisation", "idempotency_key"], name="usage_event_idempotency"
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(idempotency_key=""), name="usage_event_key_not_empty"
+            ),
+        ]
+        indexes = [
+            # Answers one organisation's meter over a period; on PostgreSQL it also covers the
+            # quantity, so sums and counts are read from the index alone.
+            models.Index(
+                fields=["organisation", "meter", "timestamp"],
+                include=["quantity"],
+                name="usage_event_org_meter_ts",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.meter_id} {self.quantity} @ {self.timestamp.isoformat()}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None and not self._state.adding:
+            raise ValueError("Usage events are append-only; record a correction instead.")
+        super().save(*args, **kwargs)

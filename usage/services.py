@@ -1,0 +1,347 @@
+"""Writes of usage: event ingestion (HTTP, in-process, import) and meter creation.
+
+Every path goes through `events_ingest`: one validation, one idempotent insert. An event is
+`accepted` (stored now), `duplicate` (its idempotency key was stored before, also by a concurrent
+request: the database's unique constraint decides) or `rejected` with a machine-readable code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import connection, transaction
+from django.utils import timezone
+
+from accounts.models import Organisation
+from usage.aggregation import EventValueError, MeterSpec, SpecError
+from usage.models import Meter, UsageEvent
+from usage.selectors import meter_cache_clear, meters_by_code
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+MAX_PROPERTIES_BYTES = 16 * 1024
+EVENT_FIELDS = frozenset({"event_name", "idempotency_key", "timestamp", "properties", "quantity"})
+# SQLite allows 32,766 parameters in one statement; 500 rows x 8 columns stays far below.
+INSERT_CHUNK = 500
+
+
+class EventRejected(ValueError):
+    """Raised by `event_record` for an event the API would reject, with the same code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class EventResult:
+    """What became of one submitted event."""
+
+    index: int
+    status: str  # "accepted", "duplicate" or "rejected"
+    idempotency_key: str | None = None
+    event_id: int | None = None
+    code: str | None = None
+    message: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"index": self.index, "status": self.status}
+        if self.idempotency_key is not None:
+            result["idempotency_key"] = self.idempotency_key
+        if self.event_id is not None:
+            result["id"] = self.event_id
+        if self.code is not None:
+            result["code"] = self.code
+            result["message"] = self.message
+        return result
+
+
+@dataclass(slots=True)
+class _Valid:
+    index: int
+    key: str
+    meter: Meter
+    quantity: Decimal
+    properties: dict[str, Any]
+    timestamp: datetime
+
+
+class _Rejection(Exception):  # noqa: N818 - control flow inside this module only
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+def events_ingest(
+    *,
+    organisation: Organisation,
+    payloads: Sequence[object],
+    source: str = UsageEvent.Source.API,
+    now: datetime | None = None,
+    allow_backdated: bool = False,
+) -> list[EventResult]:
+    """Validate and store events for `organisation`; return one result per payload, in order.
+
+    Valid events are stored even when others in the same batch are rejected. `allow_backdated`
+    lifts the lower bound of the acceptance window (history imports); the upper bound stays.
+    """
+    now = now or timezone.now()
+    earliest = None if allow_backdated else now - settings.INGEST_MAX_PAST
+    latest = now + settings.INGEST_MAX_FUTURE
+    meters = meters_by_code(
+        payload["event_name"]
+        for payload in payloads
+        if isinstance(payload, dict) and isinstance(payload.get("event_name"), str)
+    )
+
+    results: list[EventResult | None] = [None] * len(payloads)
+    to_store: dict[str, _Valid] = {}
+    repeats: list[_Valid] = []  # same key twice in one batch: the later copies are duplicates
+    for index, payload in enumerate(payloads):
+        key = _key_of(payload)
+        try:
+            valid = _validate(index, payload, meters, earliest, latest, now)
+        except _Rejection as rejection:
+            results[index] = EventResult(
+                index, "rejected", key, code=rejection.code, message=rejection.message
+            )
+            continue
+        if valid.key in to_store:
+            repeats.append(valid)
+        else:
+            to_store[valid.key] = valid
+
+    stored = _insert(organisation, list(to_store.values()), now, source)
+    already = set(to_store) - stored.keys()
+    existing = (
+        dict(
+            UsageEvent.objects.filter(
+                organisation=organisation, idempotency_key__in=already
+            ).values_list("idempotency_key", "id")
+        )
+        if already
+        else {}
+    )
+    for key, valid in to_store.items():
+        if key in stored:
+            results[valid.index] = EventResult(valid.index, "accepted", key, stored[key])
+        else:
+            results[valid.index] = EventResult(valid.index, "duplicate", key, existing.get(key))
+    for valid in repeats:
+        event_id = stored.get(valid.key) or existing.get(valid.key)
+        results[valid.index] = EventResult(valid.index, "duplicate", valid.key, event_id)
+    return [result for result in results if result is not None]
+
+
+def _key_of(payload: object) -> str | None:
+    if isinstance(payload, dict):
+        key = payload.get("idempotency_key")
+        if isinstance(key, str) and 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+            return key
+    return None
+
+
+def _validate(
+    index: int,
+    payload: object,
+    meters: Mapping[str, Meter],
+    earliest: datetime | None,
+    latest: datetime,
+    now: datetime,
+) -> _Valid:
+    if not isinstance(payload, dict):
+        raise _Rejection("invalid_event", "An event is a JSON object.")
+    unknown = payload.keys() - EVENT_FIELDS
+    if unknown:
+        raise _Rejection(
+            "unknown_field",
+            f"Unknown fields: {', '.join(sorted(map(str, unknown)))}. "
+            f"An event has: {', '.join(sorted(EVENT_FIELDS))}.",
+        )
+
+    key = payload.get("idempotency_key")
+    if key is None or key == "":
+        raise _Rejection("missing_idempotency_key", "idempotency_key is required.")
+    if not isinstance(key, str) or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise _Rejection(
+            "invalid_idempotency_key",
+            f"idempotency_key is a string of 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters.",
+        )
+
+    event_name = payload.get("event_name")
+    if not isinstance(event_name, str) or not event_name:
+        raise _Rejection("missing_event_name", "event_name (the meter's code) is required.")
+    meter = meters.get(event_name)
+    if meter is None:
+        raise _Rejection("unknown_meter", f"No meter has the code {event_name[:100]!r}.")
+
+    timestamp = _parse_timestamp(payload.get("timestamp"), now)
+    if earliest is not None and timestamp < earliest:
+        raise _Rejection(
+            "timestamp_out_of_window",
+            f"timestamp is more than {settings.INGEST_MAX_PAST.days} days old; "
+            "older events enter through `manage.py import_events --allow-backdated`.",
+        )
+    if timestamp > latest:
+        raise _Rejection(
+            "timestamp_out_of_window",
+            f"timestamp is more than {int(settings.INGEST_MAX_FUTURE.total_seconds())} seconds "
+            "in the future.",
+        )
+
+    properties = payload.get("properties")
+    if properties is None:
+        properties = {}
+    if not isinstance(properties, dict):
+        raise _Rejection("invalid_properties", "properties is a JSON object.")
+    if len(orjson.dumps(properties)) > MAX_PROPERTIES_BYTES:
+        raise _Rejection(
+            "invalid_properties", f"properties is larger than {MAX_PROPERTIES_BYTES} bytes."
+        )
+    if "quantity" in payload:
+        if "quantity" in properties:
+            raise _Rejection(
+                "invalid_properties",
+                "quantity is given both at the top level and in properties; give it once.",
+            )
+        properties = {**properties, "quantity": payload["quantity"]}
+
+    spec = meter.spec
+    try:
+        quantity = spec.event_quantity(properties)
+    except EventValueError as error:
+        raise _Rejection(error.code, error.message) from None
+    return _Valid(index, key, meter, quantity, properties, timestamp)
+
+
+def _parse_timestamp(raw: object, now: datetime) -> datetime:
+    if raw is None:
+        return now
+    if not isinstance(raw, str):
+        raise _Rejection("invalid_timestamp", "timestamp is an ISO 8601 string with a UTC offset.")
+    try:
+        parsed = datetime.fromisoformat(raw)
+    except ValueError:
+        raise _Rejection(
+            "invalid_timestamp", "timestamp is an ISO 8601 string with a UTC offset."
+        ) from None
+    if parsed.tzinfo is None:
+        raise _Rejection(
+            "invalid_timestamp",
+            "timestamp has no UTC offset; add 'Z' or '+00:00' so its instant is unambiguous.",
+        )
+    return parsed.astimezone(UTC)
+
+
+def _insert(
+    organisation: Organisation, events: list[_Valid], now: datetime, source: str
+) -> dict[str, int]:
+    """Insert events, skipping keys already stored; return {key: id} of the rows inserted.
+
+    One multi-row `INSERT ... ON CONFLICT DO NOTHING RETURNING` per chunk: the unique constraint,
+    not a prior read, decides which copy of a key wins, so concurrent requests cannot both store.
+    """
+    if not events:
+        return {}
+    meta = UsageEvent._meta
+    qn = connection.ops.quote_name
+    columns = [
+        meta.get_field(name).column  # type: ignore[union-attr]
+        for name in (
+            "organisation",
+            "meter",
+            "quantity",
+            "properties",
+            "timestamp",
+            "received_at",
+            "idempotency_key",
+            "source",
+        )
+    ]
+    row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    ops = connection.ops
+    received_at = ops.adapt_datetimefield_value(now)
+    inserted: dict[str, int] = {}
+    with transaction.atomic():
+        for offset in range(0, len(events), INSERT_CHUNK):
+            chunk = events[offset : offset + INSERT_CHUNK]
+            params: list[Any] = []
+            for event in chunk:
+                params += [
+                    organisation.pk,
+                    event.meter.pk,
+                    ops.adapt_decimalfield_value(event.quantity),
+                    ops.adapt_json_value(event.properties, None),
+                    ops.adapt_datetimefield_value(event.timestamp),
+                    received_at,
+                    event.key,
+                    source,
+                ]
+            sql = (
+                f"INSERT INTO {qn(meta.db_table)} ({', '.join(map(qn, columns))}) "  # noqa: S608
+                f"VALUES {', '.join([row_sql] * len(chunk))} "
+                f"ON CONFLICT ({qn('organisation_id')}, {qn('idempotency_key')}) DO NOTHING "
+                f"RETURNING {qn('idempotency_key')}, {qn('id')}"
+            )
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                inserted.update(cursor.fetchall())
+    return inserted
+
+
+def event_record(
+    *,
+    organisation: Organisation,
+    event_name: str,
+    idempotency_key: str,
+    quantity: Decimal | int | str | None = None,
+    properties: Mapping[str, Any] | None = None,
+    timestamp: datetime | None = None,
+    source: str = UsageEvent.Source.RECORD,
+) -> EventResult:
+    """Record one event in-process, with the API's validation and idempotency.
+
+    Returns the `accepted` or `duplicate` result; raises EventRejected with the API's code.
+    """
+    payload: dict[str, Any] = {"event_name": event_name, "idempotency_key": idempotency_key}
+    payload["properties"] = dict(properties or {})
+    if quantity is not None:
+        payload["quantity"] = str(quantity) if isinstance(quantity, Decimal) else quantity
+    if timestamp is not None:
+        if timestamp.tzinfo is None:
+            raise EventRejected("invalid_timestamp", "timestamp must be timezone-aware.")
+        payload["timestamp"] = timestamp.isoformat()
+    [result] = events_ingest(organisation=organisation, payloads=[payload], source=source)
+    if result.status == "rejected":
+        raise EventRejected(result.code or "rejected", result.message or "")
+    return result
+
+
+def meter_create(
+    *, code: str, spec: Mapping[str, Any], name: str = "", unit: str = "unit", description: str = ""
+) -> Meter:
+    """Create a meter from its spec document; raise ValidationError for a bad spec."""
+    try:
+        parsed = MeterSpec.from_json(spec)
+    except SpecError as exc:
+        raise ValidationError({"spec": str(exc)}) from exc
+    meter = Meter(
+        code=code,
+        name=name or code.replace("_", " ").capitalize(),
+        unit=unit,
+        aggregation=parsed.aggregation.value,
+        property_name=parsed.property or "",
+        filters={key: list(values) for key, values in parsed.filters.items()},
+        description=description,
+    )
+    meter.full_clean()
+    meter.save()
+    meter_cache_clear()
+    return meter

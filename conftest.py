@@ -29,7 +29,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     required = {s for s in os.environ.get("METERLINE_REQUIRE_SERVICES", "").split(",") if s}
     if required - available:
         raise pytest.UsageError(f"Required services not configured: {required - available}")
-    keep, drop = [], []
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
     for item in items:
         needs = {name for name in ("postgres", "redis") if item.get_closest_marker(name)}
         (keep if needs <= available else drop).append(item)

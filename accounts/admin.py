@@ -3,14 +3,14 @@ from django.contrib import admin
 from accounts.models import APIKey, Membership, Organisation
 
 
-class MembershipInline(admin.TabularInline):
+class MembershipInline(admin.TabularInline[Membership, Organisation]):
     model = Membership
     extra = 0
     autocomplete_fields = ["user"]
 
 
 @admin.register(Organisation)
-class OrganisationAdmin(admin.ModelAdmin):
+class OrganisationAdmin(admin.ModelAdmin[Organisation]):
     list_display = ["name", "slug", "currency", "timezone", "billing_email", "created_at"]
     search_fields = ["name", "slug", "billing_email"]
     prepopulated_fields = {"slug": ["name"]}
@@ -18,7 +18,7 @@ class OrganisationAdmin(admin.ModelAdmin):
 
 
 @admin.register(APIKey)
-class APIKeyAdmin(admin.ModelAdmin):
+class APIKeyAdmin(admin.ModelAdmin[APIKey]):
     """Keys are created with `create_api_key` or in the portal (the secret is shown once there)."""
 
     list_display = ["prefix", "name", "organisation", "created_at", "last_used_at", "revoked_at"]

@@ -12,7 +12,7 @@ from accounts.services import api_key_authenticate
 
 
 class ApiKeyAuth(HttpBearer):
-    """`Authorization: Bearer ml_…`; sets `request.auth` to the key, which names the organisation."""
+    """`Authorization: Bearer ml_…`; `request.auth` becomes the key, naming the organisation."""
 
     def authenticate(self, request: HttpRequest, token: str) -> APIKey | None:
         return api_key_authenticate(secret=token.strip())

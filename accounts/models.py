@@ -25,7 +25,9 @@ def validate_timezone(value: str) -> None:
 
 def validate_currency(value: str) -> None:
     if not is_known_currency(value):
-        raise ValidationError(f"{value!r} is not an ISO 4217 currency code.", code="invalid_currency")
+        raise ValidationError(
+            f"{value!r} is not an ISO 4217 currency code.", code="invalid_currency"
+        )
 
 
 class Organisation(models.Model):

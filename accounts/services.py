@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
@@ -48,7 +48,7 @@ def organisation_create(
 
 
 def membership_add(
-    *, organisation: Organisation, user: AbstractBaseUser, role: str = Membership.Role.MEMBER
+    *, organisation: Organisation, user: User, role: str = Membership.Role.MEMBER
 ) -> Membership:
     membership, _ = Membership.objects.update_or_create(
         organisation=organisation, user=user, defaults={"role": role}
@@ -61,7 +61,7 @@ def api_key_digest(secret: str) -> str:
 
 
 def api_key_create(
-    *, organisation: Organisation, name: str, created_by: AbstractBaseUser | None = None
+    *, organisation: Organisation, name: str, created_by: User | None = None
 ) -> IssuedAPIKey:
     """Create a key for `organisation` and return it with its secret, shown this once only."""
     prefix = API_KEY_PREFIX + secrets.token_hex(4)

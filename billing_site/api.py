@@ -15,7 +15,7 @@ api = NinjaAPI(
     version="1",
     description=(
         "Usage events in, usage out. Authenticate with `Authorization: Bearer <API key>`; a key "
-        "acts only for its organisation. Errors are `{\"error\": {\"code\", \"message\"}}`."
+        'acts only for its organisation. Errors are `{"error": {"code", "message"}}`.'
     ),
     auth=ApiKeyAuth(),
     urls_namespace="api",
@@ -23,7 +23,9 @@ api = NinjaAPI(
 api.add_router("/", usage_router)
 
 
-def _error(request: HttpRequest, status: int, code: str, message: str, **extra: object) -> HttpResponse:
+def _error(
+    request: HttpRequest, status: int, code: str, message: str, **extra: object
+) -> HttpResponse:
     body: dict[str, object] = {"code": code, "message": message, **extra}
     return api.create_response(request, {"error": body}, status=status)
 
@@ -47,7 +49,9 @@ def unauthenticated(request: HttpRequest, exc: AuthenticationError) -> HttpRespo
 
 @api.exception_handler(ValidationError)
 def invalid_request(request: HttpRequest, exc: ValidationError) -> HttpResponse:
-    return _error(request, 422, "invalid_request", "The request's parameters are invalid.", details=exc.errors)
+    return _error(
+        request, 422, "invalid_request", "The request's parameters are invalid.", details=exc.errors
+    )
 
 
 @api.exception_handler(Http404)

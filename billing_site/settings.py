@@ -7,9 +7,13 @@ broker and SMTP. With `DJANGO_DEBUG=false` it refuses to start without `DJANGO_S
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import django_stubs_ext
 import environ
 from django.core.exceptions import ImproperlyConfigured
+
+django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -164,7 +168,7 @@ INGEST_MAX_BODY_BYTES = env.int("INGEST_MAX_BODY_BYTES", default=5 * 1024 * 1024
 # An API key's last_used_at is written at most this often, not on every request.
 API_KEY_LAST_USED_INTERVAL = timedelta(seconds=env.int("API_KEY_LAST_USED_SECONDS", default=60))
 # Request metering middleware (usage.instrumentation.UsageMeteringMiddleware); see README.
-METERLINE_METERED_ROUTES: list[dict[str, object]] = []
+METERLINE_METERED_ROUTES: list[dict[str, Any]] = []
 METERLINE_ORGANISATION_RESOLVER = env.str("METERLINE_ORGANISATION_RESOLVER", default="")
 METERLINE_REQUEST_ID_HEADER = env.str("METERLINE_REQUEST_ID_HEADER", default="X-Request-ID")
 DATA_UPLOAD_MAX_MEMORY_SIZE = INGEST_MAX_BODY_BYTES

@@ -80,7 +80,7 @@ class MeterSpec:
         if unknown:
             raise SpecError(f"Unknown keys in meter spec: {', '.join(sorted(unknown))}.")
         try:
-            aggregation = Aggregation(document.get("aggregation"))
+            aggregation = Aggregation(str(document.get("aggregation")))
         except ValueError:
             choices = ", ".join(a.value for a in Aggregation)
             raise SpecError(f"aggregation must be one of: {choices}.") from None
@@ -212,6 +212,11 @@ class Reading:
     unique: str | int | None = None
 
 
+def format_quantity(value: Decimal) -> str:
+    """Format a Decimal as plain text without exponent or trailing zeros ("1.5", "100")."""
+    return format(value.normalize(), "f") if value else "0"
+
+
 def level_average(integral: Decimal, period: Period) -> Decimal:
     """Turn a level integral (level x microseconds) into the period's average level, 6 places.
 
@@ -251,9 +256,10 @@ def level_integral(ordered: Sequence[Reading], period: Period) -> Decimal:
     before the period carries its level into it. Before the first reading the level is 0.
     """
     total = Decimal(0)
-    for reading, following in zip(ordered, [*ordered[1:], None], strict=True):
+    for position, reading in enumerate(ordered):
+        following = ordered[position + 1].timestamp if position + 1 < len(ordered) else period.end
         seg_start = max(reading.timestamp, period.start)
-        seg_end = min(following.timestamp if following else period.end, period.end)
+        seg_end = min(following, period.end)
         if seg_end > seg_start:
             total += reading.quantity * duration_microseconds(seg_end - seg_start)
     return total

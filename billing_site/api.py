@@ -8,6 +8,7 @@ from ninja.errors import AuthenticationError, ValidationError
 
 from accounts.authentication import ApiKeyAuth
 from core.errors import ApiError
+from plans.api import router as plans_router
 from usage.api import router as usage_router
 
 api = NinjaAPI(
@@ -21,6 +22,7 @@ api = NinjaAPI(
     urls_namespace="api",
 )
 api.add_router("/", usage_router)
+api.add_router("/", plans_router)
 
 
 def _error(

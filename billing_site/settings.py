@@ -42,8 +42,10 @@ INSTALLED_APPS = [
     "django_htmx",
     "django_q",
     "ninja",
+    "billing_site",
     "accounts",
     "usage",
+    "plans",
 ]
 
 MIDDLEWARE = [

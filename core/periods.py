@@ -6,8 +6,12 @@ period. Filter with `ts >= start and ts < end`, never `<= end`.
 
 from __future__ import annotations
 
+import calendar
 from dataclasses import dataclass
-from datetime import UTC, datetime, time, timedelta, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from typing import TypeVar
+
+_Day = TypeVar("_Day", date, datetime)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +86,41 @@ def hour_buckets(period: Period) -> list[Period]:
         buckets.append(Period(cursor, end))
         cursor = end
     return buckets
+
+
+def add_months(wall_time: _Day, months: int) -> _Day:
+    """Step a wall-clock time by whole months, keeping its time of day.
+
+    The day is the anchor's day clamped to the month's length, stepping from the anchor each
+    time: Jan 31 steps to Feb 28 (or 29), then Mar 31, never drifting to the 28th.
+    """
+    years, month_index = divmod(wall_time.month - 1 + months, 12)
+    year, month = wall_time.year + years, month_index + 1
+    day = min(wall_time.day, calendar.monthrange(year, month)[1])
+    return wall_time.replace(year=year, month=month, day=day)
+
+
+def period_boundary(anchor: datetime, index: int, tz: tzinfo, months: int = 1) -> datetime:
+    """Return the UTC start of billing period `index` (0 starts at the anchor).
+
+    Boundaries keep the anchor's local time in `tz` across DST changes: a period anchored at
+    midnight in Berlin starts at local midnight in winter and in summer.
+    """
+    local_anchor = anchor.astimezone(tz).replace(tzinfo=None)
+    return add_months(local_anchor, index * months).replace(tzinfo=tz).astimezone(UTC)
+
+
+def billing_period(
+    anchor: datetime, instant: datetime, tz: tzinfo, months: int = 1
+) -> tuple[int, Period]:
+    """Return the index and the period `[start, end)` that contains `instant`."""
+    local_anchor, local_instant = anchor.astimezone(tz), instant.astimezone(tz)
+    index = (
+        (local_instant.year - local_anchor.year) * 12 + local_instant.month - local_anchor.month
+    ) // months
+    while period_boundary(anchor, index, tz, months) > instant:
+        index -= 1
+    while period_boundary(anchor, index + 1, tz, months) <= instant:
+        index += 1
+    start = period_boundary(anchor, index, tz, months)
+    return index, Period(start, period_boundary(anchor, index + 1, tz, months))

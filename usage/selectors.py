@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import time as time_module
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
@@ -115,6 +115,25 @@ def usage_total(*, organisation: Organisation, meter: Meter, period: Period) -> 
         case Aggregation.WEIGHTED_SUM:
             return level_average(_level_integral(events, period), period)
     raise AssertionError(spec.aggregation)  # pragma: no cover
+
+
+def usage_so_far(
+    *, organisation: Organisation, meter: Meter, period: Period, as_of: datetime
+) -> Decimal:
+    """Return the meter's billable value for `period` counting only events before `as_of`.
+
+    For `weighted_sum` this is the level accrued so far over the whole period's length (GB-months
+    used until now), not the average level of the elapsed part.
+    """
+    if as_of >= period.end:
+        return usage_total(organisation=organisation, meter=meter, period=period)
+    if as_of <= period.start:
+        return Decimal(0)
+    elapsed = Period(period.start, as_of)
+    if meter.spec.aggregation == Aggregation.WEIGHTED_SUM:
+        events = meter_events(organisation=organisation, meter=meter)
+        return level_average(_level_integral(events, elapsed), period)
+    return usage_total(organisation=organisation, meter=meter, period=elapsed)
 
 
 def _unique_expression(spec: MeterSpec) -> KeyTransform:
@@ -252,3 +271,27 @@ def event_list(
     if period is not None:
         events = events.filter(timestamp__gte=period.start, timestamp__lt=period.end)
     return events.order_by("-timestamp", "-id")
+
+
+def meter_level_at(*, organisation: Organisation, meter: Meter, instant: datetime) -> Decimal:
+    """Return the level a `latest` or `weighted_sum` meter holds at `instant` (0 before any)."""
+    last = (
+        meter_events(organisation=organisation, meter=meter)
+        .filter(timestamp__lte=instant)
+        .order_by("-timestamp", "-id")
+        .values_list("quantity", flat=True)
+        .first()
+    )
+    return _decimal(last)
+
+
+def event_values(*, organisation: Organisation, meter: Meter, period: Period) -> Iterator[Decimal]:
+    """Yield each event's value over `period` in time order, for prices that charge per event."""
+    values = (
+        meter_events(organisation=organisation, meter=meter)
+        .filter(timestamp__gte=period.start, timestamp__lt=period.end)
+        .order_by("timestamp", "id")
+        .values_list("quantity", flat=True)
+    )
+    for value in values.iterator(chunk_size=5000):
+        yield _decimal(value)

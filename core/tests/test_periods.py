@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.periods import Period, day_buckets, duration_microseconds, hour_buckets
+from core.periods import (
+    Period,
+    billing_period,
+    day_buckets,
+    duration_microseconds,
+    hour_buckets,
+    period_boundary,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -74,3 +81,60 @@ def test_buckets_tile_the_period_exactly(start, length, zone):
         assert buckets[0].start == period.start
         assert buckets[-1].end == period.end
         assert all(a.end == b.start for a, b in itertools.pairwise(buckets))
+
+
+@pytest.mark.parametrize(
+    ("anchor_day", "expected"),
+    [
+        (31, [(1, 31), (2, 28), (3, 31), (4, 30), (5, 31)]),
+        (30, [(1, 30), (2, 28), (3, 30), (4, 30), (5, 30)]),
+        (29, [(1, 29), (2, 28), (3, 29), (4, 29), (5, 29)]),
+    ],
+)
+def test_months_step_from_the_anchor_without_drifting(anchor_day, expected):
+    anchor = datetime(2026, 1, anchor_day, tzinfo=UTC)
+    starts = [period_boundary(anchor, k, UTC) for k in range(5)]
+    assert [(s.month, s.day) for s in starts] == expected
+
+
+def test_leap_february():
+    anchor = datetime(2028, 1, 31, 9, 30, tzinfo=UTC)
+    assert period_boundary(anchor, 1, UTC) == datetime(2028, 2, 29, 9, 30, tzinfo=UTC)
+
+
+def test_boundaries_keep_their_local_time_across_dst():
+    tz = ZoneInfo("Europe/Berlin")
+    anchor = datetime(2026, 1, 15, tzinfo=tz)  # local midnight, UTC+1
+    march, april = period_boundary(anchor, 2, tz), period_boundary(anchor, 3, tz)
+    assert march == datetime(2026, 3, 14, 23, tzinfo=UTC)
+    assert april == datetime(2026, 4, 14, 22, tzinfo=UTC)  # summer time: UTC+2
+    assert april.astimezone(tz).hour == 0
+
+
+def test_yearly_periods():
+    anchor = datetime(2024, 2, 29, tzinfo=UTC)
+    index, period = billing_period(anchor, datetime(2025, 6, 1, tzinfo=UTC), UTC, months=12)
+    assert index == 1
+    assert period == Period(datetime(2025, 2, 28, tzinfo=UTC), datetime(2026, 2, 28, tzinfo=UTC))
+
+
+@given(
+    instant=st.datetimes(
+        min_value=datetime(2020, 1, 1), max_value=datetime(2032, 1, 1), timezones=st.just(UTC)
+    ),
+    anchor=st.datetimes(
+        min_value=datetime(2019, 1, 1), max_value=datetime(2031, 1, 1), timezones=st.just(UTC)
+    ),
+    zone=st.sampled_from(
+        ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Pacific/Chatham"]
+    ),
+)
+def test_billing_period_contains_the_instant_and_tiles(instant, anchor, zone):
+    tz = ZoneInfo(zone)
+    index, period = billing_period(anchor, instant, tz)
+    assert instant in period
+    assert period.start == period_boundary(anchor, index, tz)
+    _, following = billing_period(anchor, period.end, tz)
+    assert following.start == period.end
+    _, at_start = billing_period(anchor, period.start, tz)
+    assert at_start == period

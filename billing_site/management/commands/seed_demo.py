@@ -1,6 +1,7 @@
 import math
 import random
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -10,6 +11,9 @@ from django.utils import timezone
 
 from accounts.models import Membership, Organisation
 from accounts.services import api_key_create, membership_add, organisation_create
+from core.periods import add_months
+from plans.models import Plan, Subscription
+from plans.services import plan_create, price_set, subscription_create
 from usage.models import Meter, UsageEvent
 from usage.services import events_ingest, meter_create
 
@@ -40,6 +44,47 @@ DEMO_METERS: list[dict[str, Any]] = [
         "spec": {"aggregation": "unique_count", "property": "user_id"},
     },
 ]
+# Per currency: (code suffix, base fee, API calls tiers, token price, GB-month price, seat price)
+DEMO_PRICES: dict[str, dict[str, Any]] = {
+    "USD": {"base_fee": "49", "scale": "1"},
+    "EUR": {"base_fee": "45", "scale": "0.92"},
+    "JPY": {"base_fee": "7500", "scale": "150"},
+}
+
+
+def demo_price_specs(scale: Decimal) -> dict[str, dict[str, Any]]:
+    """The demo plan's prices, in a currency whose unit is `scale` US dollars' worth."""
+
+    def money(usd: str) -> str:
+        return format((Decimal(usd) * scale).normalize(), "f")
+
+    return {
+        "api_calls": {
+            "model": "graduated",
+            "tiers": [
+                {"up_to": "5000", "unit_price": "0"},
+                {"up_to": "50000", "unit_price": money("0.002")},
+                {"up_to": None, "unit_price": money("0.001")},
+            ],
+        },
+        "ai_tokens": {"model": "standard", "unit_price": money("0.000002")},
+        "storage_gb": {
+            "model": "package",
+            "package_size": "10",
+            "package_price": money("1.5"),
+            "free_units": "50",
+            "rounding": "up",
+        },
+        "seats": {
+            "model": "volume",
+            "tiers": [
+                {"up_to": "10", "unit_price": money("12")},
+                {"up_to": None, "unit_price": money("9")},
+            ],
+        },
+    }
+
+
 # (name, slug, currency, time zone, traffic scale)
 DEMO_ORGANISATIONS = [
     ("Acme Robotics", "acme", "USD", "America/New_York", 1.0),
@@ -57,7 +102,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--days", type=int, default=30)
+        parser.add_argument("--days", type=int, default=60)
         parser.add_argument("--admin-password", default="admin")
 
     def handle(self, *args: object, **options: Any) -> None:
@@ -93,6 +138,7 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"{slug}: {counts['accepted']} events added, {counts['duplicate']} already there"
             )
+        self._plans_and_subscriptions(now)
         issued = api_key_create(
             organisation=Organisation.objects.get(slug="acme"), name="demo key (seed_demo)"
         )
@@ -105,6 +151,30 @@ class Command(BaseCommand):
             f'  Try: curl -H "Authorization: Bearer {issued.secret}" '
             '"http://127.0.0.1:8000/api/v1/meters"\n'
         )
+
+    def _plans_and_subscriptions(self, now: datetime) -> None:
+        """A growth plan per currency; each organisation subscribed since last month's 1st."""
+        meters = {meter.code: meter for meter in Meter.objects.all()}
+        for _, slug, currency, _, _ in DEMO_ORGANISATIONS:
+            plan = Plan.objects.filter(code=f"growth-{currency.lower()}").first()
+            if plan is None:
+                prices = DEMO_PRICES[currency]
+                plan = plan_create(
+                    code=f"growth-{currency.lower()}",
+                    name=f"Growth ({currency})",
+                    currency=currency,
+                    base_fee=Decimal(prices["base_fee"]),
+                )
+                for code, spec in demo_price_specs(Decimal(prices["scale"])).items():
+                    price_set(plan=plan, meter=meters[code], spec=spec)
+            organisation = Organisation.objects.get(slug=slug)
+            if not Subscription.objects.filter(organisation=organisation).exists():
+                local_now = now.astimezone(organisation.tzinfo)
+                anchor = datetime.combine(
+                    add_months(local_now.date().replace(day=1), -1), time(0), organisation.tzinfo
+                )
+                subscription_create(organisation=organisation, plan=plan, start=anchor)
+            self.stdout.write(f"{slug}: on plan {plan.code}")
 
     def _admin(self, password: str) -> Any:
         user_model = get_user_model()

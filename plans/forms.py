@@ -1,0 +1,56 @@
+"""Forms that take a price spec as one JSON document and name the field that is wrong."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+
+from plans.models import PriceVersion
+from plans.pricing import PriceSpec, PriceSpecError, parse_price_spec
+from usage.models import Meter
+
+SPEC_HELP = (
+    'One JSON document, e.g. {"model": "graduated", "tiers": [{"up_to": "10000", '
+    '"unit_price": "0"}, {"up_to": null, "unit_price": "0.001"}]}. Models: standard, package, '
+    "graduated, volume, percentage, graduated_percentage; any may add discount_percent, "
+    "minimum_amount, maximum_amount. Money and quantities are decimal strings."
+)
+
+
+def clean_price_spec(document: Any) -> PriceSpec:
+    try:
+        return parse_price_spec(document)
+    except PriceSpecError as exc:
+        raise forms.ValidationError(f"{exc.field}: {exc.message}", code="invalid_price") from exc
+
+
+class PriceVersionForm(forms.ModelForm[PriceVersion]):
+    spec = forms.JSONField(
+        help_text=SPEC_HELP, widget=forms.Textarea(attrs={"rows": 6, "cols": 80})
+    )
+
+    class Meta:
+        model = PriceVersion
+        fields = ["spec", "effective_from", "note"]
+
+    def clean_spec(self) -> Any:
+        clean_price_spec(self.cleaned_data["spec"])
+        return self.cleaned_data["spec"]
+
+
+class PricePreviewForm(forms.Form):
+    """A candidate price for one meter, to compare with what the customer pays now."""
+
+    meter = forms.ModelChoiceField(queryset=Meter.objects.all(), required=False)
+    spec = forms.JSONField(
+        required=False, help_text=SPEC_HELP, widget=forms.Textarea(attrs={"rows": 6, "cols": 80})
+    )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if data.get("spec") not in (None, "") and not data.get("meter"):
+            raise forms.ValidationError("Choose the meter the candidate price is for.")
+        if data.get("spec") not in (None, ""):
+            data["parsed"] = clean_price_spec(data["spec"])
+        return data

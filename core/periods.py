@@ -76,6 +76,15 @@ def day_buckets(period: Period, tz: tzinfo) -> list[Period]:
     return buckets
 
 
+def bucket_count(period: Period, granularity: str, tz: tzinfo) -> int:
+    """Return how many buckets `day_buckets` or `hour_buckets` would make, without making them."""
+    last = period.end - timedelta(microseconds=1)
+    if granularity == "day":
+        return (last.astimezone(tz).date() - period.start.astimezone(tz).date()).days + 1
+    first_hour = period.start.replace(minute=0, second=0, microsecond=0)
+    return int((last - first_hour) // timedelta(hours=1)) + 1
+
+
 def hour_buckets(period: Period) -> list[Period]:
     """Split a period at whole UTC hours (DST-proof), clipping the first and last hour."""
     buckets: list[Period] = []

@@ -151,6 +151,11 @@ def _decimal(
     return number
 
 
+def _or_zero(value: object) -> object:
+    """Read an absent (null) amount as zero; anything else is validated as given."""
+    return "0" if value is None else value
+
+
 def _optional_decimal(document: Mapping[str, Any], key: str, **kwargs: Any) -> Decimal | None:
     value = document.get(key)
     return None if value is None else _decimal(value, key, **kwargs)
@@ -196,8 +201,10 @@ def _tiers(document: Mapping[str, Any], *, percentage: bool) -> tuple[Tier, ...]
             raise PriceSpecError(f"{where}.{price_key}", "is required.")
         price = _decimal(tier[price_key], f"{where}.{price_key}")
         if percentage:
+            if price > HUNDRED:
+                raise PriceSpecError(f"{where}.{price_key}", "must be at most 100.")
             price = price / HUNDRED
-        flat_fee = _decimal(tier.get("flat_fee", "0"), f"{where}.flat_fee")
+        flat_fee = _decimal(_or_zero(tier.get("flat_fee")), f"{where}.flat_fee")
         tiers.append(Tier(up_to=up_to, unit_price=price, flat_fee=flat_fee))
     return tuple(tiers)
 
@@ -267,7 +274,8 @@ def parse_price_spec(document: object) -> PriceSpec:
             rate_percent = _decimal(document["rate_percent"], "rate_percent")
             if rate_percent > HUNDRED:
                 raise PriceSpecError("rate_percent", "must be at most 100.")
-            free_events = document.get("free_events") or 0
+            free_events = document.get("free_events")
+            free_events = 0 if free_events is None else free_events
             if isinstance(free_events, bool) or not isinstance(free_events, int) or free_events < 0:
                 raise PriceSpecError("free_events", "must be a whole number, 0 or more.")
             minimum = _optional_decimal(document, "min_per_event")
@@ -279,10 +287,10 @@ def parse_price_spec(document: object) -> PriceSpec:
                 document,
                 rate=rate_percent / HUNDRED,
                 fixed_fee_per_event=_decimal(
-                    document.get("fixed_fee_per_event") or "0", "fixed_fee_per_event"
+                    _or_zero(document.get("fixed_fee_per_event")), "fixed_fee_per_event"
                 ),
                 free_events=free_events,
-                free_amount=_decimal(document.get("free_amount") or "0", "free_amount"),
+                free_amount=_decimal(_or_zero(document.get("free_amount")), "free_amount"),
                 min_per_event=minimum,
                 max_per_event=maximum,
                 **common,
@@ -335,7 +343,9 @@ class Quote:
 
     @property
     def amount(self) -> Decimal:
-        return self.usage_amount - self.discount + self.true_up - self.cap
+        # In the engine's wide context: the caller's default 28 digits would round it.
+        with decimal.localcontext(_CONTEXT):
+            return self.usage_amount - self.discount + self.true_up - self.cap
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -388,8 +398,8 @@ def _text(value: Decimal) -> str:
 def quote(spec: PriceSpec, quantity: Decimal, events: Sequence[Decimal] | None = None) -> Quote:
     """Price `quantity` (and, for percentage prices, each event's value, in time order)."""
     with decimal.localcontext(_CONTEXT):
-        if quantity < 0:
-            raise QuoteError("quantity must not be negative.")
+        if not quantity.is_finite() or quantity < 0:
+            raise QuoteError("quantity must be a finite number, not negative.")
         match spec.model:
             case PricingModel.STANDARD:
                 amount = quantity * spec.unit_price
@@ -422,7 +432,7 @@ def _package(spec: PriceSpec, quantity: Decimal) -> Quote:
     amount = packages * spec.package_price
     slices = (
         Slice(
-            f"{packages} package(s) of {_text(spec.package_size)}",
+            f"{_text(packages)} package(s) of {_text(spec.package_size)}",
             packages,
             spec.package_price,
             ZERO,
@@ -485,8 +495,8 @@ def _percentage(spec: PriceSpec, values: list[Decimal]) -> Quote:
     value, whichever runs out first (a limit of 0 is no limit of that kind; with neither, nothing
     is free). The event that crosses `free_amount` pays the fee and the rate on the part above.
     """
-    if any(v < 0 for v in values):
-        raise QuoteError("event values must not be negative.")
+    if any(not v.is_finite() or v < 0 for v in values):
+        raise QuoteError("event values must be finite numbers, not negative.")
     by_events, by_amount = spec.free_events > 0, spec.free_amount > 0
     free_active = by_events or by_amount
     wholly_free, free_sum = 0, ZERO
@@ -592,6 +602,12 @@ def scale(spec: PriceSpec, base: Quote, factor: Decimal) -> Quote:
             notes=base.notes,
         )
         return _adjust(spec, projected)
+
+
+def exact_sum(amounts: Iterable[Decimal]) -> Decimal:
+    """Add amounts without rounding (the default context keeps only 28 digits)."""
+    with decimal.localcontext(_CONTEXT):
+        return sum(amounts, ZERO)
 
 
 def quote_document(

@@ -16,7 +16,7 @@ from django.db.models import Q
 from accounts.models import Organisation
 from core.periods import Period, billing_period
 from plans.models import Price, PriceVersion, Subscription
-from plans.pricing import PriceSpec, Quote, quote, scale
+from plans.pricing import PriceSpec, Quote, exact_sum, quote, scale
 from usage.aggregation import QUANTUM, Aggregation, level_average
 from usage.models import Meter
 from usage.selectors import event_values, meter_level_at, usage_so_far
@@ -106,11 +106,11 @@ class PeriodCost:
     @property
     def total(self) -> Decimal:
         """Cost so far, unrounded: the base fee (due for the period) plus usage charges."""
-        return self.base_fee + sum((line.cost.amount for line in self.lines), Decimal(0))
+        return exact_sum([self.base_fee, *(line.cost.amount for line in self.lines)])
 
     @property
     def projected_total(self) -> Decimal:
-        return self.base_fee + sum((line.projected_cost.amount for line in self.lines), Decimal(0))
+        return exact_sum([self.base_fee, *(line.projected_cost.amount for line in self.lines)])
 
 
 def period_cost(

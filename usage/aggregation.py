@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 
 from core.periods import Period, duration_microseconds
@@ -28,6 +28,7 @@ MAX_ABS_QUANTITY = Decimal(10) ** 15
 MAX_SIGNIFICANT_DIGITS = 15
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_DECIMAL_RE = re.compile(r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
 MAX_FILTER_VALUES = 100
 
 
@@ -174,18 +175,20 @@ def parse_quantity(raw: object, *, name: str = "quantity") -> Decimal:
         # repr() is the shortest string that round-trips: the literal the sender wrote, as long
         # as it had at most 15 significant digits (checked below).
         value = Decimal(repr(raw))
+    elif isinstance(raw, Decimal):
+        value = raw
     elif isinstance(raw, str):
-        try:
-            value = Decimal(raw.strip())
-        except InvalidOperation:
+        # Plain ASCII decimals only: Decimal() would also take "1_000", "NaN" and other scripts'
+        # digits, which no sender means as a quantity.
+        if not _DECIMAL_RE.match(raw.strip()):
             raise EventValueError(
                 "invalid_quantity", f"{name!r} must be a number or a decimal string."
-            ) from None
-        if not value.is_finite():
-            raise EventValueError("invalid_quantity", f"{name!r} must be finite.")
+            )
+        value = Decimal(raw.strip())
     else:
         raise EventValueError("invalid_quantity", f"{name!r} must be a number or a decimal string.")
-    if abs(value) >= MAX_ABS_QUANTITY:
+    # copy_abs and the comparison are exact: no context, so "1e1000000" cannot overflow here.
+    if value.copy_abs() >= MAX_ABS_QUANTITY:
         raise EventValueError(
             "invalid_quantity", f"{name!r} is absurdly large (limit {MAX_ABS_QUANTITY:,})."
         )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+import math
+import re
+from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 import orjson
@@ -14,7 +17,7 @@ from ninja import Field, Query, Router, Schema, Status
 
 from accounts.models import APIKey
 from core.errors import ApiError
-from core.periods import Period
+from core.periods import Period, bucket_count
 from usage.aggregation import format_quantity
 from usage.selectors import meter_list, meters_by_code, usage_series, usage_total
 from usage.services import events_ingest
@@ -81,20 +84,36 @@ def _parse_body(request: HttpRequest) -> object:
         ) from None
     if len(body) > limit:
         raise ApiError(413, "payload_too_large", f"The body is larger than {limit} bytes.")
+    # orjson reads an integer beyond 64 bits as a rounded float, silently. A run of 19 digits
+    # is the only way to write one, so such bodies go to the exact standard parser instead; the
+    # event holding the big number is then rejected alone (invalid_quantity, invalid_properties).
+    if not _LONG_DIGITS.search(body):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
-    # orjson refuses integers beyond 64 bits; the standard parser takes them, so that such a
-    # quantity is rejected as one event's invalid_quantity instead of failing the whole batch.
-    try:
-        return json.loads(body, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):
+        document = json.loads(body, parse_constant=_refuse, parse_float=_finite_float)
+        # The standard parser lets lone UTF-16 surrogates ("\ud800") through; they cannot be
+        # stored as UTF-8.
+        json.dumps(document, ensure_ascii=False, default=str).encode()
+    except (ValueError, RecursionError, UnicodeError):
         raise ApiError(400, "invalid_json", "The body is not valid JSON.") from None
+    return document
 
 
-def _refuse_constant(name: str) -> None:
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def _refuse(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float | Decimal:
+    # A number beyond a double's range stays exact, so that its event alone is rejected
+    # (invalid_quantity, or invalid_properties: it cannot be stored) and not the whole body.
+    number = float(text)
+    return number if math.isfinite(number) else Decimal(text)
 
 
 @router.post(
@@ -234,7 +253,12 @@ def usage_read(request: HttpRequest, query: Query[UsageQuery]) -> dict[str, Any]
         raise ApiError(422, "invalid_period", "start and end need a UTC offset.")
     if query.end <= query.start:
         raise ApiError(422, "invalid_period", "end must be after start.")
-    period = Period(query.start, query.end)
+    try:
+        period = Period(query.start, query.end)
+    except (OverflowError, ValueError):
+        raise ApiError(
+            422, "invalid_period", "start and end must lie in years 1 to 9999."
+        ) from None
     body: dict[str, Any] = {
         "meter": meter.code,
         "aggregation": meter.aggregation,
@@ -246,9 +270,8 @@ def usage_read(request: HttpRequest, query: Query[UsageQuery]) -> dict[str, Any]
         ),
     }
     if query.group_by:
-        bucket_length = timedelta(days=1) if query.group_by == "day" else timedelta(hours=1)
-        # Checked before splitting, so that an absurd range costs nothing.
-        if period.duration / bucket_length + 2 > MAX_SERIES_BUCKETS:
+        # Counted before splitting, so that an absurd range costs nothing.
+        if bucket_count(period, query.group_by, organisation.tzinfo) > MAX_SERIES_BUCKETS:
             raise ApiError(
                 422, "range_too_large", f"A series has at most {MAX_SERIES_BUCKETS} buckets."
             )

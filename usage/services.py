@@ -206,10 +206,6 @@ def _validate(
         properties = {}
     if not isinstance(properties, dict):
         raise _Rejection("invalid_properties", "properties is a JSON object.")
-    if len(orjson.dumps(properties)) > MAX_PROPERTIES_BYTES:
-        raise _Rejection(
-            "invalid_properties", f"properties is larger than {MAX_PROPERTIES_BYTES} bytes."
-        )
     if "quantity" in payload:
         if "quantity" in properties:
             raise _Rejection(
@@ -223,6 +219,18 @@ def _validate(
         quantity = spec.event_quantity(properties)
     except EventValueError as error:
         raise _Rejection(error.code, error.message) from None
+    try:
+        size = len(orjson.dumps(properties))
+    except orjson.JSONEncodeError:
+        raise _Rejection(
+            "invalid_properties",
+            "properties holds a number too large to store (beyond 64-bit integers or doubles); "
+            "send it as a string.",
+        ) from None
+    if size > MAX_PROPERTIES_BYTES:
+        raise _Rejection(
+            "invalid_properties", f"properties is larger than {MAX_PROPERTIES_BYTES} bytes."
+        )
     return _Valid(index, key, meter, quantity, properties, timestamp)
 
 
@@ -242,7 +250,10 @@ def _parse_timestamp(raw: object, now: datetime) -> datetime:
             "invalid_timestamp",
             "timestamp has no UTC offset; add 'Z' or '+00:00' so its instant is unambiguous.",
         )
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise _Rejection("invalid_timestamp", "timestamp is outside years 1 to 9999.") from None
 
 
 def _insert(

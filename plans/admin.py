@@ -14,7 +14,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from plans.forms import PricePreviewForm, PriceVersionForm, clean_price_spec
+from plans.forms import PricePreviewForm, PriceVersionForm, SubscriptionForm, clean_price_spec
 from plans.models import Plan, Price, PriceVersion, Subscription
 from plans.selectors import period_cost, subscription_period, subscription_previous_period
 from plans.services import price_set
@@ -129,6 +129,7 @@ class SubscriptionAdmin(admin.ModelAdmin[Subscription]):
     list_filter = ["status", "plan"]
     search_fields = ["organisation__name", "organisation__slug"]
     inlines = [OverrideInline]
+    form = SubscriptionForm
     readonly_fields = ["timezone"]
 
     @admin.display(description="Price preview")

@@ -6,7 +6,7 @@ from typing import Any
 
 from django import forms
 
-from plans.models import PriceVersion
+from plans.models import PriceVersion, Subscription
 from plans.pricing import PriceSpec, PriceSpecError, parse_price_spec
 from usage.models import Meter
 
@@ -37,6 +37,34 @@ class PriceVersionForm(forms.ModelForm[PriceVersion]):
     def clean_spec(self) -> Any:
         clean_price_spec(self.cleaned_data["spec"])
         return self.cleaned_data["spec"]
+
+
+class SubscriptionForm(forms.ModelForm[Subscription]):
+    """Subscriptions made in the admin get the checks `subscription_create` makes."""
+
+    anchor = forms.DateTimeField(
+        required=False, help_text="Periods step from this instant; empty: the start."
+    )
+
+    class Meta:
+        model = Subscription
+        fields = ["organisation", "plan", "start", "anchor", "end", "status"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        organisation, plan = data.get("organisation"), data.get("plan")
+        if organisation and plan and plan.currency != organisation.currency:
+            raise forms.ValidationError(
+                f"The plan bills in {plan.currency}; {organisation} pays in "
+                f"{organisation.currency}."
+            )
+        if not data.get("anchor") and data.get("start"):
+            data["anchor"] = data["start"]
+            self.instance.anchor = data["start"]
+        if organisation and not self.instance.pk:
+            # Copied once: a later change of the organisation's zone does not move periods.
+            self.instance.timezone = organisation.timezone
+        return data
 
 
 class PricePreviewForm(forms.Form):

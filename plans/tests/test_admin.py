@@ -117,3 +117,26 @@ def test_subscription_preview_shows_a_bad_candidate_as_a_form_error(admin_client
     )
     assert response.status_code == 200
     assert "package_size" in str(response.context["form"].errors)
+
+
+@pytest.mark.django_db
+def test_staff_subscribe_an_organisation_in_the_admin(admin_client):
+    org = make_organisation(timezone_name="Asia/Tokyo", currency="JPY")
+    yen, dollars = make_plan(currency="JPY"), make_plan(currency="USD")
+    form = {
+        "organisation": org.pk,
+        "start_0": "2026-01-31",
+        "start_1": "00:00:00",
+        "status": "active",
+        "overrides-TOTAL_FORMS": "0",
+        "overrides-INITIAL_FORMS": "0",
+        "overrides-MIN_NUM_FORMS": "0",
+        "overrides-MAX_NUM_FORMS": "1000",
+    }
+    refused = admin_client.post("/admin/plans/subscription/add/", {**form, "plan": dollars.pk})
+    assert refused.status_code == 200
+    assert b"bills in USD" in refused.content
+    response = admin_client.post("/admin/plans/subscription/add/", {**form, "plan": yen.pk})
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    subscription = org.subscriptions.get()
+    assert (subscription.timezone, subscription.anchor) == ("Asia/Tokyo", subscription.start)

@@ -151,7 +151,8 @@ def _level_integral(events: QuerySet[UsageEvent], period: Period) -> Decimal:
     """Return the integral of the level over `period` (level x microseconds), exact.
 
     Each event's level holds until the next event (LEAD over timestamp, id) or the period's end;
-    the last event before the period carries its level in from the period's start.
+    the last event before the period carries its level in from the period's start. Segments are
+    clipped to the period: earlier readings tied with the carried one last no time at all.
     """
     segments = (
         _level_window(events, period)
@@ -165,18 +166,20 @@ def _level_integral(events: QuerySet[UsageEvent], period: Period) -> Decimal:
         # EXTRACT(EPOCH FROM interval) is exact NUMERIC on PostgreSQL 14 and later.
         outer = (
             "SELECT CAST(SUM(seg.quantity * EXTRACT(EPOCH FROM "
-            "(COALESCE(seg.next_ts, %s) - GREATEST(seg.timestamp, %s))) * 1000000) AS TEXT) "
+            "(GREATEST(COALESCE(seg.next_ts, %s), %s) - GREATEST(seg.timestamp, %s))) * 1000000)"
+            " AS TEXT) "
             "FROM ({}) seg"
         )
     else:
         outer = (
             "SELECT ml_dsum_product(seg.quantity, "
-            "ml_epoch_us(COALESCE(seg.next_ts, %s)) - ml_epoch_us(MAX(seg.timestamp, %s))) "
+            "ml_epoch_us(MAX(COALESCE(seg.next_ts, %s), %s)) "
+            "- ml_epoch_us(MAX(seg.timestamp, %s))) "
             "FROM ({}) seg"
         )
     # The inner SQL is Django's own compilation of the queryset, with its parameters apart.
     with connection.cursor() as cursor:
-        cursor.execute(outer.format(inner_sql), [end, start, *inner_params])
+        cursor.execute(outer.format(inner_sql), [end, start, start, *inner_params])
         row = cursor.fetchone()
     return _decimal(row[0] if row else None)
 

@@ -253,3 +253,16 @@ def test_database_aggregation_equals_the_reference(events, aggregation, filtered
     series = usage_series(organisation=org, meter=meter, period=PERIOD, granularity="day")
     assert [bucket for bucket, _ in series] == day_buckets(PERIOD, org.tzinfo)
     assert [value for _, value in series] == [reference(meter, org, bucket) for bucket, _ in series]
+
+
+@pytest.mark.django_db
+def test_weighted_sum_with_tied_readings_before_the_period_takes_the_last_to_arrive():
+    # Found by hypothesis on PostgreSQL: the earlier of two tied readings got a negative span.
+    org = make_organisation()
+    meter = make_meter("weighted_sum", property="v")
+    before = START - timedelta(microseconds=5)
+    store(org, meter, before, "2", v="2")
+    store(org, meter, before, "0", v="0")
+    assert usage_total(organisation=org, meter=meter, period=PERIOD) == 0
+    store(org, meter, START + timedelta(days=31) - timedelta(days=31) / 2, "4", v="4")
+    assert usage_total(organisation=org, meter=meter, period=PERIOD) == 2

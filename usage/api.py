@@ -12,8 +12,8 @@ from typing import Any, Literal
 import orjson
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest
-from ninja import Field, Query, Router, Schema, Status
+from django.http import HttpRequest, HttpResponse
+from ninja import Field, Query, Router, Schema
 
 from accounts.models import APIKey
 from core.errors import ApiError
@@ -143,7 +143,7 @@ def _finite_float(text: str) -> float | Decimal:
         }
     },
 )
-def events_create(request: HttpRequest) -> Status[dict[str, Any]]:
+def events_create(request: HttpRequest) -> HttpResponse:
     api_key: APIKey = request.auth  # type: ignore[attr-defined]
     document = _parse_body(request)
     single = not (isinstance(document, dict) and "events" in document)
@@ -175,16 +175,22 @@ def events_create(request: HttpRequest) -> Status[dict[str, Any]]:
         "results": [result.as_dict() for result in results],
     }
     if not counts["rejected"]:
-        return Status(200, body)
+        return _json(200, body)
     if counts["rejected"] < len(results):
-        return Status(207, body)
+        return _json(207, body)
     codes = {result.code for result in results}
     if single or len(codes) == 1:
         first = results[0]
         body["error"] = {"code": first.code, "message": first.message}
     else:
         body["error"] = {"code": "all_rejected", "message": "Every event was rejected."}
-    return Status(422, body)
+    return _json(422, body)
+
+
+def _json(status: int, body: dict[str, Any]) -> HttpResponse:
+    # Rendered by orjson directly: validating a 1,000-result answer against the response
+    # schema cost a fifth of a batch's CPU. The schema above still documents it.
+    return HttpResponse(orjson.dumps(body), status=status, content_type="application/json")
 
 
 class MeterOut(Schema):

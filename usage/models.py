@@ -6,6 +6,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import models
+from django.utils.functional import cached_property
 
 from accounts.models import Organisation
 from usage.aggregation import Aggregation, MeterSpec, SpecError
@@ -57,8 +58,9 @@ class Meter(models.Model):
             document["filters"] = self.filters
         return document
 
-    @property
+    @cached_property
     def spec(self) -> MeterSpec:
+        # Parsed once per instance: ingestion reads it for every event of a batch.
         return MeterSpec.from_json(self.spec_document())
 
 

@@ -256,32 +256,41 @@ def _parse_timestamp(raw: object, now: datetime) -> datetime:
         raise _Rejection("invalid_timestamp", "timestamp is outside years 1 to 9999.") from None
 
 
+_COLUMNS = (
+    "organisation",
+    "meter",
+    "quantity",
+    "properties",
+    "timestamp",
+    "received_at",
+    "idempotency_key",
+    "source",
+)
+
+
+def _columns_sql() -> str:
+    meta = UsageEvent._meta
+    return ", ".join(
+        connection.ops.quote_name(str(meta.get_field(name).column))  # type: ignore[union-attr]
+        for name in _COLUMNS
+    )
+
+
 def _insert(
     organisation: Organisation, events: list[_Valid], now: datetime, source: str
 ) -> dict[str, int]:
     """Insert events, skipping keys already stored; return {key: id} of the rows inserted.
 
-    One multi-row `INSERT ... ON CONFLICT DO NOTHING RETURNING` per chunk: the unique constraint,
-    not a prior read, decides which copy of a key wins, so concurrent requests cannot both store.
+    `INSERT ... ON CONFLICT DO NOTHING RETURNING`: the unique constraint, not a prior read,
+    decides which copy of a key wins, so concurrent requests cannot both store one.
     """
     if not events:
         return {}
+    if connection.vendor == "postgresql":
+        return _insert_postgresql(organisation, events, now, source)
     meta = UsageEvent._meta
     qn = connection.ops.quote_name
-    columns: list[str] = [
-        meta.get_field(name).column  # type: ignore[union-attr,misc]
-        for name in (
-            "organisation",
-            "meter",
-            "quantity",
-            "properties",
-            "timestamp",
-            "received_at",
-            "idempotency_key",
-            "source",
-        )
-    ]
-    row_sql = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    row_sql = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
     ops = connection.ops
     received_at = ops.adapt_datetimefield_value(now)
     inserted: dict[str, int] = {}
@@ -301,7 +310,7 @@ def _insert(
                     source,
                 ]
             sql = (
-                f"INSERT INTO {qn(meta.db_table)} ({', '.join(map(qn, columns))}) "  # noqa: S608
+                f"INSERT INTO {qn(meta.db_table)} ({_columns_sql()}) "  # noqa: S608
                 f"VALUES {', '.join([row_sql] * len(chunk))} "
                 f"ON CONFLICT ({qn('organisation_id')}, {qn('idempotency_key')}) DO NOTHING "
                 f"RETURNING {qn('idempotency_key')}, {qn('id')}"
@@ -310,6 +319,41 @@ def _insert(
                 cursor.execute(sql, params)
                 inserted.update(cursor.fetchall())
     return inserted
+
+
+def _insert_postgresql(
+    organisation: Organisation, events: list[_Valid], now: datetime, source: str
+) -> dict[str, int]:
+    """One statement for the whole batch: five arrays unnested, bound by the server.
+
+    Django's cursor binds parameters client-side, quoting every value into the SQL text; a
+    1,000-event batch spent more time there than in PostgreSQL. psycopg's own cursor sends the
+    arrays in binary. One statement is atomic by itself: no BEGIN/COMMIT round trips.
+    """
+    meta = UsageEvent._meta
+    qn = connection.ops.quote_name
+    sql = (
+        f"INSERT INTO {qn(meta.db_table)} ({_columns_sql()}) "  # noqa: S608
+        "SELECT %s, u.m, u.q, u.p::jsonb, u.t, %s, u.k, %s "
+        "FROM unnest(%s::bigint[], %s::numeric[], %s::text[], %s::timestamptz[], %s::text[]) "
+        "AS u(m, q, p, t, k) "
+        f"ON CONFLICT ({qn('organisation_id')}, {qn('idempotency_key')}) DO NOTHING "
+        f"RETURNING {qn('idempotency_key')}, {qn('id')}"
+    )
+    params = [
+        organisation.pk,
+        now,
+        source,
+        [event.meter.pk for event in events],
+        [event.quantity for event in events],
+        [orjson.dumps(event.properties).decode() for event in events],
+        [event.timestamp for event in events],
+        [event.key for event in events],
+    ]
+    connection.ensure_connection()
+    with connection.wrap_database_errors, connection.connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return dict(cursor.fetchall())
 
 
 def event_record(

@@ -34,6 +34,7 @@ migrate: $(VENV)/.runtime
 	$(BIN)/python manage.py migrate --noinput
 
 seed: migrate
+	$(BIN)/python manage.py setup_schedules
 	$(BIN)/python manage.py seed_demo
 
 # The embedded default: SQLite, the ORM broker, demo data, the scheduler, the dev server.

@@ -46,6 +46,7 @@ INSTALLED_APPS = [
     "accounts",
     "usage",
     "plans",
+    "invoices",
 ]
 
 MIDDLEWARE = [
@@ -177,3 +178,11 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = INGEST_MAX_BODY_BYTES
 # The events index carries `quantity` as an INCLUDE column on PostgreSQL; SQLite has no such
 # columns and uses the plain index, which is what the embedded default needs.
 SILENCED_SYSTEM_CHECKS = ["models.W040"]
+# A period closes this long after its end, so that late events with a timestamp inside it
+# still count in it.
+BILLING_GRACE = timedelta(minutes=env.int("BILLING_GRACE_MINUTES", default=60))
+INVOICE_DUE_DAYS = env.int("INVOICE_DUE_DAYS", default=30)
+# The seller, as printed on invoices.
+SELLER_NAME = env.str("SELLER_NAME", default="Meterline Demo Ltd")
+SELLER_ADDRESS = env.str("SELLER_ADDRESS", default="1 Example Street, Springfield")
+SELLER_EMAIL = env.str("SELLER_EMAIL", default="billing@example.com")

@@ -14,8 +14,14 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from plans.forms import PricePreviewForm, PriceVersionForm, SubscriptionForm, clean_price_spec
-from plans.models import Plan, Price, PriceVersion, Subscription
+from plans.forms import (
+    CreditGrantForm,
+    PricePreviewForm,
+    PriceVersionForm,
+    SubscriptionForm,
+    clean_price_spec,
+)
+from plans.models import CreditGrant, CreditLedgerEntry, Plan, Price, PriceVersion, Subscription
 from plans.selectors import period_cost, subscription_period, subscription_previous_period
 from plans.services import price_set
 
@@ -205,3 +211,60 @@ class SubscriptionAdmin(admin.ModelAdmin[Subscription]):
             "rows": rows,
         }
         return TemplateResponse(request, "admin/plans/subscription/preview.html", context)
+
+
+class CreditLedgerInline(admin.TabularInline[CreditLedgerEntry, CreditGrant]):
+    model = CreditLedgerEntry
+    extra = 0
+    can_delete = False
+    fields = ("at", "kind", "amount_minor", "reference")
+    readonly_fields = ("at", "kind", "amount_minor", "reference")
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(CreditGrant)
+class CreditGrantAdmin(admin.ModelAdmin[CreditGrant]):
+    """Staff grant credit here; its use and expiry show in the ledger below it."""
+
+    list_display = [
+        "organisation",
+        "amount_minor",
+        "currency",
+        "category",
+        "priority",
+        "effective_from",
+        "expires_at",
+        "description",
+    ]
+    list_filter = ["category", "currency"]
+    search_fields = ["organisation__name", "organisation__slug", "description"]
+    inlines = [CreditLedgerInline]
+    form = CreditGrantForm
+
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: CreditGrant | None = None
+    ) -> list[str]:
+        # A grant is fixed once made: its ledger explains every later movement.
+        if obj is None:
+            return []
+        return [f.name for f in CreditGrant._meta.fields]
+
+    def save_model(self, request: HttpRequest, obj: CreditGrant, form: Any, change: bool) -> None:
+        if change:
+            return
+        from plans.services import credit_grant_create
+
+        created = credit_grant_create(
+            organisation=obj.organisation,
+            amount_minor=obj.amount_minor,
+            currency=obj.currency,
+            category=obj.category,
+            priority=obj.priority,
+            effective_from=obj.effective_from,
+            expires_at=obj.expires_at,
+            description=obj.description,
+            created_by=request.user if request.user.is_authenticated else None,
+        )
+        obj.pk = created.pk

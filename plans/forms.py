@@ -6,7 +6,7 @@ from typing import Any
 
 from django import forms
 
-from plans.models import PriceVersion, Subscription
+from plans.models import CreditGrant, PriceVersion, Subscription
 from plans.pricing import PriceSpec, PriceSpecError, parse_price_spec
 from usage.models import Meter
 
@@ -81,4 +81,30 @@ class PricePreviewForm(forms.Form):
             raise forms.ValidationError("Choose the meter the candidate price is for.")
         if data.get("spec") not in (None, ""):
             data["parsed"] = clean_price_spec(data["spec"])
+        return data
+
+
+class CreditGrantForm(forms.ModelForm[CreditGrant]):
+    class Meta:
+        model = CreditGrant
+        fields = [
+            "organisation",
+            "amount_minor",
+            "currency",
+            "category",
+            "priority",
+            "effective_from",
+            "expires_at",
+            "description",
+        ]
+        help_texts = {"amount_minor": "In minor units: cents for USD, yen for JPY."}
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        organisation, currency = data.get("organisation"), data.get("currency")
+        if organisation and currency and currency.upper() != organisation.currency:
+            raise forms.ValidationError(
+                f"{organisation} is billed in {organisation.currency}; a grant in {currency} "
+                "could never be used."
+            )
         return data

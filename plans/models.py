@@ -174,3 +174,84 @@ class PriceVersion(models.Model):
     @property
     def parsed(self) -> PriceSpec:
         return parse_price_spec(self.spec)
+
+
+class CreditGrant(models.Model):
+    """Credit given to an organisation, used up by invoices until it runs out or expires.
+
+    Its balance is the sum of its ledger entries; nothing here is updated after creation.
+    """
+
+    class Category(models.TextChoices):
+        PAID = "paid", "Paid (prepaid by the customer)"
+        PROMOTIONAL = "promotional", "Promotional"
+
+    organisation = models.ForeignKey(
+        Organisation, on_delete=models.PROTECT, related_name="credit_grants"
+    )
+    currency = models.CharField(max_length=3, validators=[validate_currency])
+    # Integer minor units of `currency` (cents for USD, yen for JPY).
+    amount_minor = models.BigIntegerField()
+    category = models.CharField(max_length=12, choices=Category.choices)
+    # Lower numbers are used first; among equals, the soonest expiry.
+    priority = models.PositiveSmallIntegerField(default=100)
+    effective_from = models.DateTimeField()
+    expires_at = models.DateTimeField(null=True, blank=True)
+    description = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["priority", "expires_at", "effective_from", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(amount_minor__gt=0), name="credit_grant_amount_positive"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(expires_at__isnull=True)
+                | models.Q(expires_at__gt=models.F("effective_from")),
+                name="credit_grant_expires_after_start",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.amount_minor} {self.currency} minor units for {self.organisation}"
+
+
+class CreditLedgerEntry(models.Model):
+    """One movement of a grant's balance: granted, applied to an invoice, or expired."""
+
+    class Kind(models.TextChoices):
+        GRANT = "grant", "Granted"
+        APPLY = "apply", "Applied to an invoice"
+        EXPIRE = "expire", "Expired"
+
+    grant = models.ForeignKey(CreditGrant, on_delete=models.PROTECT, related_name="entries")
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    # Minor units: positive when granted, negative when applied or expired.
+    amount_minor = models.BigIntegerField()
+    at = models.DateTimeField()
+    # The invoice number an application went to.
+    reference = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "credit ledger entries"
+        ordering = ["at", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(kind="grant", amount_minor__gt=0)
+                | (~models.Q(kind="grant") & models.Q(amount_minor__lt=0)),
+                name="credit_entry_sign_matches_kind",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.amount_minor} @ {self.at:%Y-%m-%d}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None and not self._state.adding:
+            raise ValueError("The credit ledger is append-only.")
+        super().save(*args, **kwargs)

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
-from django.db.models import Q
+from django.db.models import Q, QuerySet, Sum
 
 from accounts.models import Organisation
 from core.periods import Period, billing_period
-from plans.models import Price, PriceVersion, Subscription
+from plans.models import CreditLedgerEntry, Price, PriceVersion, Subscription
 from plans.pricing import PriceSpec, Quote, exact_sum, quote, scale
 from usage.aggregation import QUANTUM, Aggregation, level_average
 from usage.models import Meter
@@ -119,11 +119,13 @@ def period_cost(
     period: Period,
     as_of: datetime | None = None,
     candidates: Mapping[int, PriceSpec] | None = None,
+    received_until: datetime | None = None,
 ) -> PeriodCost:
     """Price a subscription's usage over `period`, counting events before `as_of`.
 
     `as_of` defaults to the period's end (a whole period). `candidates` maps meter ids to specs
     to price with instead of the ones in force (the admin's "what if" preview).
+    `received_until` counts only events received by then (the period close's cutoff).
     """
     as_of = min(as_of or period.end, period.end)
     organisation = subscription.organisation
@@ -133,7 +135,12 @@ def period_cost(
         spec = (candidates or {}).get(meter.pk) or in_force.version.parsed
         lines.append(
             _meter_cost(
-                organisation=organisation, in_force=in_force, spec=spec, period=period, as_of=as_of
+                organisation=organisation,
+                in_force=in_force,
+                spec=spec,
+                period=period,
+                as_of=as_of,
+                received_until=received_until,
             )
         )
     return PeriodCost(subscription, period, as_of, subscription.plan.base_fee, lines)
@@ -146,17 +153,30 @@ def _meter_cost(
     spec: PriceSpec,
     period: Period,
     as_of: datetime,
+    received_until: datetime | None,
 ) -> MeterCost:
     meter = in_force.meter
     # A sum whose corrections outweigh its usage bills nothing, not a credit.
     usage = max(
-        usage_so_far(organisation=organisation, meter=meter, period=period, as_of=as_of), Decimal(0)
+        usage_so_far(
+            organisation=organisation,
+            meter=meter,
+            period=period,
+            as_of=as_of,
+            received_until=received_until,
+        ),
+        Decimal(0),
     )
     elapsed = Decimal((as_of - period.start) / (period.end - period.start))
     values = None
     if spec.needs_events:
         values = list(
-            event_values(organisation=organisation, meter=meter, period=Period(period.start, as_of))
+            event_values(
+                organisation=organisation,
+                meter=meter,
+                period=Period(period.start, as_of),
+                received_until=received_until,
+            )
             if as_of > period.start
             else []
         )
@@ -212,4 +232,26 @@ def _meter_cost(
         projected,
         quote(spec, projected, None),
         method,
+    )
+
+
+def credit_balance(*, organisation: Organisation, currency: str, at: datetime) -> int:
+    """Return the credit (minor units) usable at `at`: ledger entries up to then, of grants in
+    force and not expired."""
+    total = (
+        CreditLedgerEntry.objects.filter(
+            grant__organisation=organisation, grant__currency=currency, at__lte=at
+        )
+        .filter(grant__effective_from__lte=at)
+        .filter(Q(grant__expires_at__isnull=True) | Q(grant__expires_at__gt=at))
+        .aggregate(total=Sum("amount_minor"))["total"]
+    )
+    return int(total or 0)
+
+
+def credit_ledger(*, organisation: Organisation) -> QuerySet[CreditLedgerEntry]:
+    return (
+        CreditLedgerEntry.objects.filter(grant__organisation=organisation)
+        .select_related("grant")
+        .order_by("-at", "-id")
     )

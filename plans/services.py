@@ -10,11 +10,19 @@ from typing import Any
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from accounts.models import Organisation
 from core.periods import billing_period
-from plans.models import Plan, Price, PriceVersion, Subscription
+from plans.models import (
+    CreditGrant,
+    CreditLedgerEntry,
+    Plan,
+    Price,
+    PriceVersion,
+    Subscription,
+)
 from usage.models import Meter
 
 # The first version of a plan price applies to every period, however old.
@@ -131,3 +139,116 @@ def subscription_end(*, subscription: Subscription, at: datetime | None = None) 
     subscription.full_clean()
     subscription.save(update_fields=["end", "status"])
     return subscription
+
+
+def credit_grant_create(
+    *,
+    organisation: Organisation,
+    amount_minor: int,
+    currency: str,
+    category: str = CreditGrant.Category.PROMOTIONAL,
+    priority: int = 100,
+    effective_from: datetime | None = None,
+    expires_at: datetime | None = None,
+    description: str = "",
+    created_by: User | None = None,
+) -> CreditGrant:
+    """Grant credit in the organisation's own currency (another currency is refused)."""
+    if currency.upper() != organisation.currency:
+        raise ValidationError(
+            {"currency": f"{organisation} is billed in {organisation.currency}, not {currency}."}
+        )
+    with transaction.atomic():
+        grant = CreditGrant(
+            organisation=organisation,
+            amount_minor=amount_minor,
+            currency=currency.upper(),
+            category=category,
+            priority=priority,
+            effective_from=effective_from or timezone.now(),
+            expires_at=expires_at,
+            description=description,
+            created_by=created_by,
+        )
+        grant.full_clean()
+        grant.save()
+        CreditLedgerEntry.objects.create(
+            grant=grant,
+            kind=CreditLedgerEntry.Kind.GRANT,
+            amount_minor=amount_minor,
+            at=grant.effective_from,
+        )
+    return grant
+
+
+def credits_expire(*, organisation: Organisation | None = None, as_of: datetime) -> int:
+    """Write an expiry entry for every grant that expired by `as_of` with a balance left."""
+    grants = CreditGrant.objects.filter(expires_at__lte=as_of)
+    if organisation is not None:
+        grants = grants.filter(organisation=organisation)
+    expired = 0
+    with transaction.atomic():
+        locked = list(grants.select_for_update())
+        balances = _balances([grant.pk for grant in locked])
+        for grant in locked:
+            balance = balances.get(grant.pk, 0)
+            if balance > 0 and grant.expires_at is not None:
+                CreditLedgerEntry.objects.create(
+                    grant=grant,
+                    kind=CreditLedgerEntry.Kind.EXPIRE,
+                    amount_minor=-balance,
+                    at=grant.expires_at,
+                )
+                expired += 1
+    return expired
+
+
+def credits_apply(
+    *, organisation: Organisation, currency: str, amount_minor: int, at: datetime, reference: str
+) -> list[tuple[CreditGrant, int]]:
+    """Use credit for up to `amount_minor`: by priority, then the soonest expiry, then the oldest.
+
+    Run inside the caller's transaction (the invoice's finalization); grants are locked, so two
+    invoices cannot spend the same credit. Returns what each grant gave.
+    """
+    credits_expire(organisation=organisation, as_of=at)
+    remaining = amount_minor
+    applied: list[tuple[CreditGrant, int]] = []
+    if remaining <= 0:
+        return applied
+    grants = (
+        CreditGrant.objects.select_for_update()
+        .filter(organisation=organisation, currency=currency, effective_from__lte=at)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=at))
+        .order_by("priority", F("expires_at").asc(nulls_last=True), "effective_from", "id")
+    )
+    locked = list(grants)
+    balances = _balances([grant.pk for grant in locked])
+    for grant in locked:
+        if remaining == 0:
+            break
+        use = min(balances.get(grant.pk, 0), remaining)
+        if use <= 0:
+            continue
+        CreditLedgerEntry.objects.create(
+            grant=grant,
+            kind=CreditLedgerEntry.Kind.APPLY,
+            amount_minor=-use,
+            at=at,
+            reference=reference,
+        )
+        applied.append((grant, use))
+        remaining -= use
+    return applied
+
+
+def _balances(grant_ids: list[int]) -> dict[int, int]:
+    """Each grant's balance: the sum of its ledger entries (a separate query: PostgreSQL allows
+    no FOR UPDATE with GROUP BY)."""
+    rows = (
+        CreditLedgerEntry.objects.filter(grant__in=grant_ids)
+        .values("grant")
+        .annotate(balance=Sum("amount_minor"))
+        .values_list("grant", "balance")
+    )
+    return {grant: int(balance) for grant, balance in rows}

@@ -81,9 +81,18 @@ def meter_cache_clear() -> None:
 # --- Events --------------------------------------------------------------------------------------
 
 
-def meter_events(*, organisation: Organisation, meter: Meter) -> QuerySet[UsageEvent]:
-    """Return the organisation's events that count for `meter` (its filters applied)."""
+def meter_events(
+    *, organisation: Organisation, meter: Meter, received_until: datetime | None = None
+) -> QuerySet[UsageEvent]:
+    """Return the organisation's events that count for `meter` (its filters applied).
+
+    `received_until` keeps only events received by then: a period close counts what had arrived
+    by its as-of instant, so a re-run gives the same figures and later arrivals become
+    adjustments.
+    """
     events = UsageEvent.objects.filter(organisation=organisation, meter=meter)
+    if received_until is not None:
+        events = events.filter(received_at__lte=received_until)
     for position, (name, values) in enumerate(meter.spec.filters.items()):
         # An alias, not `properties__<name>__in`: a property called "contains" would otherwise
         # be read as a lookup. KeyTransform compares JSON values, so "1" never matches 1.
@@ -94,9 +103,15 @@ def meter_events(*, organisation: Organisation, meter: Meter) -> QuerySet[UsageE
     return events
 
 
-def usage_total(*, organisation: Organisation, meter: Meter, period: Period) -> Decimal:
+def usage_total(
+    *,
+    organisation: Organisation,
+    meter: Meter,
+    period: Period,
+    received_until: datetime | None = None,
+) -> Decimal:
     """Return the meter's value for the organisation over `period`, computed in the database."""
-    events = meter_events(organisation=organisation, meter=meter)
+    events = meter_events(organisation=organisation, meter=meter, received_until=received_until)
     inside = events.filter(timestamp__gte=period.start, timestamp__lt=period.end)
     spec = meter.spec
     match spec.aggregation:
@@ -118,7 +133,12 @@ def usage_total(*, organisation: Organisation, meter: Meter, period: Period) -> 
 
 
 def usage_so_far(
-    *, organisation: Organisation, meter: Meter, period: Period, as_of: datetime
+    *,
+    organisation: Organisation,
+    meter: Meter,
+    period: Period,
+    as_of: datetime,
+    received_until: datetime | None = None,
 ) -> Decimal:
     """Return the meter's billable value for `period` counting only events before `as_of`.
 
@@ -126,14 +146,18 @@ def usage_so_far(
     used until now), not the average level of the elapsed part.
     """
     if as_of >= period.end:
-        return usage_total(organisation=organisation, meter=meter, period=period)
+        return usage_total(
+            organisation=organisation, meter=meter, period=period, received_until=received_until
+        )
     if as_of <= period.start:
         return Decimal(0)
     elapsed = Period(period.start, as_of)
     if meter.spec.aggregation == Aggregation.WEIGHTED_SUM:
-        events = meter_events(organisation=organisation, meter=meter)
+        events = meter_events(organisation=organisation, meter=meter, received_until=received_until)
         return level_average(_level_integral(events, elapsed), period)
-    return usage_total(organisation=organisation, meter=meter, period=elapsed)
+    return usage_total(
+        organisation=organisation, meter=meter, period=elapsed, received_until=received_until
+    )
 
 
 def _unique_expression(spec: MeterSpec) -> KeyTransform:
@@ -288,10 +312,16 @@ def meter_level_at(*, organisation: Organisation, meter: Meter, instant: datetim
     return _decimal(last)
 
 
-def event_values(*, organisation: Organisation, meter: Meter, period: Period) -> Iterator[Decimal]:
+def event_values(
+    *,
+    organisation: Organisation,
+    meter: Meter,
+    period: Period,
+    received_until: datetime | None = None,
+) -> Iterator[Decimal]:
     """Yield each event's value over `period` in time order, for prices that charge per event."""
     values = (
-        meter_events(organisation=organisation, meter=meter)
+        meter_events(organisation=organisation, meter=meter, received_until=received_until)
         .filter(timestamp__gte=period.start, timestamp__lt=period.end)
         .order_by("timestamp", "id")
         .values_list("quantity", flat=True)

@@ -1,7 +1,6 @@
 import io
 import json
 from datetime import timedelta
-from decimal import Decimal
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -228,23 +227,3 @@ def test_meter_preview_weighted_sum_uses_the_level_before_the_start(monkeypatch)
 def test_meter_preview_refuses_bad_arguments(args, monkeypatch):
     with pytest.raises(CommandError):
         run("meter_preview", *args, stdin="", monkeypatch=monkeypatch)
-
-
-@pytest.mark.django_db
-def test_seed_demo_is_rerunnable_and_prints_a_working_key():
-    out, _ = run("seed_demo", "--days", "3", "--admin-password", "demo-password")
-    assert set(Organisation.objects.values_list("slug", flat=True)) == {"acme", "globex", "initech"}
-    assert set(Meter.objects.values_list("aggregation", flat=True)) == {
-        "count",
-        "sum",
-        "weighted_sum",
-        "latest",
-        "unique_count",
-    }
-    count = UsageEvent.objects.count()
-    assert count > 1000
-    secret = next(line.split(": ")[-1] for line in out.splitlines() if "API key" in line)
-    assert api_key_authenticate(secret=secret).organisation.slug == "acme"
-    run("seed_demo", "--days", "3", "--admin-password", "demo-password")
-    assert UsageEvent.objects.count() - count < 200  # only the events of the last minutes, if any
-    assert UsageEvent.objects.filter(quantity__lt=Decimal(0)).count() == 0

@@ -12,8 +12,9 @@ from django.utils import timezone
 from accounts.models import Membership, Organisation
 from accounts.services import api_key_create, membership_add, organisation_create
 from core.periods import add_months
-from plans.models import Plan, Subscription
-from plans.services import plan_create, price_set, subscription_create
+from invoices.services import periods_close
+from plans.models import CreditGrant, Plan, Subscription
+from plans.services import credit_grant_create, plan_create, price_set, subscription_create
 from usage.models import Meter, UsageEvent
 from usage.services import events_ingest, meter_create
 
@@ -139,6 +140,18 @@ class Command(BaseCommand):
                 f"{slug}: {counts['accepted']} events added, {counts['duplicate']} already there"
             )
         self._plans_and_subscriptions(now)
+        acme = Organisation.objects.get(slug="acme")
+        if not CreditGrant.objects.filter(organisation=acme).exists():
+            credit_grant_create(
+                organisation=acme,
+                amount_minor=2500,
+                currency="USD",
+                category=CreditGrant.Category.PROMOTIONAL,
+                effective_from=now - timedelta(days=days_back(now)),
+                description="Welcome credit",
+            )
+        summary = periods_close(as_of=now)
+        self.stdout.write(f"closed {summary.closed} billing period(s) into invoices")
         issued = api_key_create(
             organisation=Organisation.objects.get(slug="acme"), name="demo key (seed_demo)"
         )
@@ -243,3 +256,9 @@ def _event(meter: str, key: str, ts: datetime, properties: dict[str, Any]) -> di
         "timestamp": ts.isoformat(),
         "properties": properties,
     }
+
+
+def days_back(now: datetime) -> int:
+    """Days since the first of last month: the demo subscriptions' start."""
+    first = add_months(now.date().replace(day=1), -1)
+    return (now.date() - first).days

@@ -1,0 +1,61 @@
+from datetime import UTC, datetime
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import transaction
+from django.utils import timezone
+from tqdm import tqdm
+
+from accounts.models import Organisation
+from invoices.services import invoice_draft, periods_close, periods_due
+
+
+class Command(BaseCommand):
+    help = (
+        "Close every billing period that ended at least BILLING_GRACE before --as-of (default "
+        "now) into a finalized invoice, exactly once. Safe to re-run at any time."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--as-of", help="ISO 8601 instant with offset (default: now).")
+        parser.add_argument("--organisation", help="Only this organisation (slug).")
+        parser.add_argument(
+            "--dry-run", action="store_true", help="Show what would be invoiced; store nothing."
+        )
+
+    def handle(self, *args: object, **options: Any) -> None:
+        as_of = timezone.now()
+        if options["as_of"]:
+            try:
+                as_of = datetime.fromisoformat(options["as_of"])
+            except ValueError as exc:
+                raise CommandError(f"--as-of is not ISO 8601: {options['as_of']!r}") from exc
+            if as_of.tzinfo is None:
+                raise CommandError("--as-of needs a UTC offset, e.g. 2026-12-01T02:00:00Z")
+            as_of = as_of.astimezone(UTC)
+        organisation = None
+        if options["organisation"]:
+            organisation = Organisation.objects.filter(slug=options["organisation"]).first()
+            if organisation is None:
+                raise CommandError(f"No organisation {options['organisation']!r}.")
+
+        if options["dry_run"]:
+            due = periods_due(as_of=as_of, organisation=organisation)
+            for subscription, period in due:
+                with transaction.atomic():
+                    draft = invoice_draft(subscription=subscription, period=period, cutoff=as_of)
+                self.stdout.write(
+                    f"would invoice {subscription.organisation.slug} {period}: "
+                    f"{draft.subtotal_minor} {draft.currency} minor units before credits"
+                )
+            self.stdout.write(f"{len(due)} period(s) due as of {as_of.isoformat()}; dry run.")
+            return
+
+        due_count = len(periods_due(as_of=as_of, organisation=organisation))
+        with tqdm(total=due_count, desc="close", disable=not self.stderr.isatty()) as bar:
+            summary = periods_close(as_of=as_of, organisation=organisation, progress=bar.update)
+        totals = ", ".join(f"{amount} {cur}" for cur, amount in sorted(summary.total_minor.items()))
+        self.stdout.write(
+            f"closed {summary.closed} period(s), {summary.already} already closed, "
+            f"as of {as_of.isoformat()}" + (f"; totals in minor units: {totals}" if totals else "")
+        )

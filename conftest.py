@@ -12,6 +12,7 @@ import os
 import pytest
 from django.conf import settings
 
+from accounts.services import api_key_cache_clear
 from usage.selectors import meter_cache_clear
 
 
@@ -41,7 +42,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _fresh_meter_cache():
-    """The meter cache is per process; every test starts without one."""
+    """The meter and API-key caches are per process; every test starts without them."""
     meter_cache_clear()
+    api_key_cache_clear()
     yield
     meter_cache_clear()
+    api_key_cache_clear()

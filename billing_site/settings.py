@@ -170,6 +170,8 @@ INGEST_MAX_BATCH = env.int("INGEST_MAX_BATCH", default=1000)
 INGEST_MAX_BODY_BYTES = env.int("INGEST_MAX_BODY_BYTES", default=5 * 1024 * 1024)
 # An API key's last_used_at is written at most this often, not on every request.
 API_KEY_LAST_USED_INTERVAL = timedelta(seconds=env.int("API_KEY_LAST_USED_SECONDS", default=60))
+# Each process remembers a verified key this long: a revocation reaches other processes within it.
+API_KEY_CACHE_SECONDS = env.int("API_KEY_CACHE_SECONDS", default=5)
 # Request metering middleware (usage.instrumentation.UsageMeteringMiddleware); see README.
 METERLINE_METERED_ROUTES: list[dict[str, Any]] = []
 METERLINE_ORGANISATION_RESOLVER = env.str("METERLINE_ORGANISATION_RESOLVER", default="")

@@ -2,6 +2,7 @@
 
 import hashlib
 import re
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -149,6 +150,7 @@ def test_last_used_at_is_rewritten_only_once_the_interval_has_passed(
     settings, django_assert_num_queries, later, written
 ):
     settings.API_KEY_LAST_USED_INTERVAL = timedelta(seconds=60)
+    settings.API_KEY_CACHE_SECONDS = 0  # the database path itself
     issued = make_api_key()
     api_key_authenticate(secret=issued.secret, now=NOW)
 
@@ -164,6 +166,7 @@ def test_last_used_at_is_rewritten_only_once_the_interval_has_passed(
 def test_a_concurrent_stamp_is_not_overwritten(settings):
     """Another request stamps the key between our read and our write: ours writes nothing."""
     settings.API_KEY_LAST_USED_INTERVAL = timedelta(seconds=60)
+    settings.API_KEY_CACHE_SECONDS = 0  # the database path itself
     issued = make_api_key()
     api_key_authenticate(secret=issued.secret, now=NOW)
     concurrent_stamp = NOW + timedelta(seconds=61)
@@ -220,3 +223,29 @@ def test_the_authorization_header_must_carry_a_bearer_key(header, authenticated)
     api_key = ApiKeyAuth()(request)
 
     assert api_key == (issued.api_key if authenticated else None)
+
+
+@pytest.mark.django_db
+def test_a_verified_key_is_remembered_briefly_and_revocation_reaches_every_process(
+    settings, django_assert_num_queries, monkeypatch
+):
+    settings.API_KEY_CACHE_SECONDS = 5
+    issued = make_api_key()
+    assert api_key_authenticate(secret=issued.secret, now=NOW) is not None
+    with django_assert_num_queries(0):
+        assert api_key_authenticate(secret=issued.secret, now=NOW) is not None
+
+    # Revoked by another process (a direct update): this one notices once its copy is 5 s old.
+    APIKey.objects.filter(pk=issued.api_key.pk).update(revoked_at=NOW)
+    clock = time.monotonic()
+    monkeypatch.setattr("accounts.services.time.monotonic", lambda: clock + 5.01)
+    assert api_key_authenticate(secret=issued.secret, now=NOW) is None
+
+
+@pytest.mark.django_db
+def test_revoking_in_this_process_takes_effect_at_once(settings):
+    settings.API_KEY_CACHE_SECONDS = 60
+    issued = make_api_key()
+    assert api_key_authenticate(secret=issued.secret) is not None
+    api_key_revoke(api_key=issued.api_key)
+    assert api_key_authenticate(secret=issued.secret) is None

@@ -276,3 +276,24 @@ def test_subscription_start_and_end_clip_the_periods(db):
         Period(FEB.start, datetime(2026, 3, 20, tzinfo=UTC)),
     ]
     assert InvoiceLine.objects.count() == 0
+
+
+def test_periods_in_zones_on_both_sides_of_utc_keep_local_midnight(db):
+    from zoneinfo import ZoneInfo
+
+    calls = make_meter("count")
+    plan = make_plan({calls: {"model": "standard", "unit_price": "1"}})
+    for zone in ("America/Los_Angeles", "Pacific/Auckland"):
+        tz = ZoneInfo(zone)
+        org = make_organisation(timezone_name=zone)
+        subscription = make_subscription(org, plan, datetime(2026, 3, 1, tzinfo=tz))
+        march_end = datetime(2026, 4, 1, tzinfo=tz)  # after DST changes in both zones
+        store(org, calls, march_end - timedelta(microseconds=1))
+        store(org, calls, march_end)  # April's
+        invoice, _ = period_close(
+            subscription=subscription,
+            period=Period(datetime(2026, 3, 1, tzinfo=tz), march_end),
+            as_of=march_end + timedelta(hours=1),
+        )
+        assert invoice.period_end.astimezone(tz).hour == 0
+        assert invoice.lines.get(kind="usage").quantity == 1

@@ -5,8 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404
+from django.urls import URLPattern, path, reverse
+from django.utils.html import format_html
 
+from invoices.documents import invoice_document_create, invoice_render_html
 from invoices.models import BillingPeriod, CreditNote, Invoice, InvoiceLine
 
 
@@ -56,6 +60,7 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
     search_fields = ["number", "organisation__name", "organisation__slug"]
     inlines = [InvoiceLineInline, CreditNoteInline]
     readonly_fields = [
+        "document_links",
         "organisation",
         "subscription",
         "billing_period",
@@ -77,6 +82,40 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    @admin.display(description="Document")
+    def document_links(self, invoice: Invoice) -> str:
+        html = reverse("admin:invoices_invoice_html", args=[invoice.pk])
+        pdf = reverse("admin:invoices_invoice_pdf", args=[invoice.pk])
+        return format_html('<a href="{}">HTML</a> · <a href="{}">PDF</a>', html, pdf)
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path(
+                "<int:pk>/html/",
+                self.admin_site.admin_view(self.html_view),
+                name="invoices_invoice_html",
+            ),
+            path(
+                "<int:pk>/pdf/",
+                self.admin_site.admin_view(self.pdf_view),
+                name="invoices_invoice_pdf",
+            ),
+            *super().get_urls(),
+        ]
+
+    def html_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        invoice = get_object_or_404(Invoice, pk=pk)
+        return HttpResponse(invoice_render_html(invoice))
+
+    def pdf_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """The stored PDF of a finalized invoice (rendered and stored now if the task has not
+        run yet)."""
+        invoice = get_object_or_404(Invoice, pk=pk)
+        pdf = bytes(invoice_document_create(invoice=invoice).pdf)
+        response = HttpResponse(pdf, content_type="application/pdf")
+        response["Content-Disposition"] = f'inline; filename="{invoice.number}.pdf"'
+        return response
 
 
 @admin.register(BillingPeriod)

@@ -1,13 +1,11 @@
 import io
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 from django.core.management import CommandError, call_command
-from django_q.models import Schedule
 
 from accounts.tests.factories import make_organisation
-from billing_site.schedules import SCHEDULES
 from invoices.models import Invoice
 from plans.tests.factories import make_plan, make_subscription
 
@@ -63,17 +61,3 @@ def test_scheduled_close_uses_the_intended_time_not_the_clock(customers):
     assert close_due_periods(intended_date="2026-02-01T00:30:00+00:00").startswith("closed 0")
     assert close_due_periods(intended_date="2026-02-01T01:00:00+00:00").startswith("closed 2")
     assert {i.cutoff for i in Invoice.objects.all()} == {datetime(2026, 2, 1, 1, tzinfo=UTC)}
-
-
-@pytest.mark.django_db
-def test_setup_schedules_installs_every_declared_schedule_once():
-    run("setup_schedules")
-    run("setup_schedules")
-    assert Schedule.objects.count() == len(SCHEDULES)
-    close = Schedule.objects.get(name="close-periods")
-    assert (close.func, close.minutes, close.intended_date_kwarg) == (
-        "invoices.tasks.close_due_periods",
-        5,
-        "intended_date",
-    )
-    assert timedelta(minutes=close.minutes) < timedelta(hours=1)

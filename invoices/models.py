@@ -91,6 +91,21 @@ class Invoice(models.Model):
     def __str__(self) -> str:
         return self.number or f"draft invoice {self.pk or '(preview)'}"
 
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        # Once finalized, only the status moves on (paid, void); corrections are credit notes.
+        if getattr(self, "_stored_status", self.Status.DRAFT) != self.Status.DRAFT and set(
+            kwargs.get("update_fields") or ["*"]
+        ) != {"status"}:
+            raise ValueError("A finalized invoice never changes; issue a credit note instead.")
+        super().save(*args, **kwargs)
+        self._stored_status = self.status
+
+    @classmethod
+    def from_db(cls, db: Any, field_names: Any, values: Any) -> Invoice:
+        instance = super().from_db(db, field_names, values)
+        instance._stored_status = instance.status
+        return instance
+
     @property
     def period(self) -> Period:
         return Period(self.period_start, self.period_end)

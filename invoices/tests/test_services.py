@@ -297,3 +297,18 @@ def test_periods_in_zones_on_both_sides_of_utc_keep_local_midnight(db):
         )
         assert invoice.period_end.astimezone(tz).hour == 0
         assert invoice.lines.get(kind="usage").quantity == 1
+
+
+def test_a_finalized_invoice_refuses_changes_but_can_be_marked_paid(billing):
+    _, _, subscription = billing
+    invoice, _ = period_close(
+        subscription=subscription, period=JAN, as_of=JAN.end + timedelta(hours=1)
+    )
+    stored = Invoice.objects.get(pk=invoice.pk)
+    stored.total_minor = 1
+    with pytest.raises(ValueError, match="never changes"):
+        stored.save()
+    stored = Invoice.objects.get(pk=invoice.pk)
+    stored.status = Invoice.Status.PAID
+    stored.save(update_fields=["status"])
+    assert Invoice.objects.get(pk=invoice.pk).status == "paid"

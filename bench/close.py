@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import os
 import pstats
 import random
@@ -591,7 +592,7 @@ def close_all(db: str, seconds: float, total: int) -> tuple[Any, int, float, flo
 # --- What-if: a batched close ---------------------------------------------------------------------
 
 
-def what_if(workload: Workload, batch: int) -> dict[int, int]:
+def what_if(db: str, workload: Workload, batch: int) -> dict[int, int]:
     """Time the pieces a batched close would be made of (nothing is kept); return each
     organisation's total in minor units, to compare with periods_close's invoices."""
     from django.db import connection, transaction
@@ -606,53 +607,101 @@ def what_if(workload: Workload, batch: int) -> dict[int, int]:
     period = Period(ANCHOR, MONTH_END)
     meters = workload.meter_ids
     weighted = meters["storage_gb"]
+    ids = workload.organisation_ids
+    window = [ANCHOR, MONTH_END, AS_OF]
+    window = 'AND "timestamp" >= %s AND "timestamp" < %s AND received_at <= %s'
+    # Counts and sums of the other meters per (organisation, meter); the level integral of each
+    # organisation's weighted meter, by LEAD over its readings. `{orgs}` is either empty (every
+    # organisation: a parallel sequential scan of the month) or a filter on a batch.
+    totals_sql = (
+        "SELECT organisation_id, meter_id, count(*), CAST(sum(quantity) AS TEXT) "
+        "FROM usage_usageevent WHERE meter_id <> %s {orgs} " + window + " GROUP BY 1, 2"
+    )
+    levels_sql = (
+        "SELECT organisation_id, CAST(sum(quantity * EXTRACT(EPOCH FROM "  # noqa: S608 - fixed text
+        '(COALESCE(next_ts, %s) - "timestamp")) * 1000000) AS TEXT) FROM ('
+        'SELECT organisation_id, quantity, "timestamp", LEAD("timestamp") OVER '
+        '(PARTITION BY organisation_id ORDER BY "timestamp", id) AS next_ts '
+        "FROM usage_usageevent WHERE meter_id = %s {orgs} " + window + ") seg GROUP BY 1"
+    )
+    cutoffs = [ANCHOR, MONTH_END, AS_OF]
+
+    def fetch(cursor: Any, chunk: list[int] | None, into: dict[tuple[int, int], Decimal]) -> float:
+        """Both statements, for `chunk` or everyone; returns the seconds of the weighted one."""
+        orgs = "" if chunk is None else "AND organisation_id = ANY(%s)"
+        extra = [] if chunk is None else [chunk]
+        cursor.execute(totals_sql.format(orgs=orgs), [weighted, *extra, *cutoffs])
+        for org, meter, n, total in cursor.fetchall():
+            into[org, meter] = Decimal(n) if meter == meters["api_calls"] else Decimal(total)
+        began = time.perf_counter()
+        cursor.execute(levels_sql.format(orgs=orgs), [MONTH_END, weighted, *extra, *cutoffs])
+        for org, integral in cursor.fetchall():
+            into[org, weighted] = level_average(Decimal(integral), period)
+        return seconds_since(began)
+
+    usage: dict[tuple[int, int], Decimal] = {}
+    batched_usage: dict[tuple[int, int], Decimal] = {}
     with connection.cursor() as cursor:
         began = time.perf_counter()
-        cursor.execute(
-            "SELECT organisation_id, meter_id, count(*), sum(quantity) FROM usage_usageevent "
-            'WHERE "timestamp" >= %s AND "timestamp" < %s AND received_at <= %s GROUP BY 1, 2',
-            [ANCHOR, MONTH_END, AS_OF],
-        )
-        groups = cursor.fetchall()
-        say(
-            f"  one GROUP BY (organisation, meter) over the month, all events: "
-            f"{seconds_since(began):.2f} s, {len(groups):,} groups"
-        )
-
-        # Per batch of organisations: counts and sums of every meter, and for the weighted
-        # meter the level integral (LEAD over each organisation's readings), in two statements.
-        usage: dict[tuple[int, int], Decimal] = {}
-        began = time.perf_counter()
-        ids = workload.organisation_ids
-        for offset in range(0, len(ids), batch):
-            chunk = ids[offset : offset + batch]
-            cursor.execute(
-                "SELECT organisation_id, meter_id, count(*), CAST(sum(quantity) AS TEXT) "
-                "FROM usage_usageevent WHERE organisation_id = ANY(%s) AND meter_id <> %s "
-                'AND "timestamp" >= %s AND "timestamp" < %s AND received_at <= %s '
-                "GROUP BY 1, 2",
-                [chunk, weighted, ANCHOR, MONTH_END, AS_OF],
-            )
-            for org, meter, n, total in cursor.fetchall():
-                usage[org, meter] = Decimal(n) if meter == meters["api_calls"] else Decimal(total)
-            cursor.execute(
-                "SELECT organisation_id, CAST(sum(quantity * EXTRACT(EPOCH FROM "
-                '(COALESCE(next_ts, %s) - "timestamp")) * 1000000) AS TEXT) FROM ('
-                'SELECT organisation_id, quantity, "timestamp", LEAD("timestamp") OVER '
-                '(PARTITION BY organisation_id ORDER BY "timestamp", id) AS next_ts '
-                "FROM usage_usageevent WHERE organisation_id = ANY(%s) AND meter_id = %s "
-                'AND "timestamp" >= %s AND "timestamp" < %s AND received_at <= %s) seg '
-                "GROUP BY 1",
-                [MONTH_END, chunk, weighted, ANCHOR, MONTH_END, AS_OF],
-            )
-            for org, integral in cursor.fetchall():
-                usage[org, weighted] = level_average(Decimal(integral), period)
+        levels_s = fetch(cursor, None, usage)
         aggregate_s = seconds_since(began)
         say(
-            f"  the same per batch of {batch:,} organisations (ANY(array), 2 statements per "
-            f"batch, weighted sums included): {aggregate_s:.2f} s for "
-            f"{len(ids):,} organisations"
+            f"  every organisation's usage in one pass over the month (2 statements, no "
+            f"organisation filter: count/sum GROUP BY organisation, meter; LEAD for the weighted "
+            f"meter): {aggregate_s:.2f} s "
+            f"({aggregate_s - levels_s:.2f} + {levels_s:.2f}), {len(usage):,} figures"
         )
+
+        began = time.perf_counter()
+        for offset in range(0, len(ids), batch):
+            fetch(cursor, ids[offset : offset + batch], batched_usage)
+        batches_s = seconds_since(began)
+        cursor.execute(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) "
+            + totals_sql.format(orgs="AND organisation_id = ANY(%s)"),
+            [weighted, ids[:batch], *cutoffs],
+        )
+        plan = cursor.fetchone()[0]
+        plan = (plan if isinstance(plan, list) else json.loads(plan))[0]["Plan"]
+        blocks = plan.get("Shared Hit Blocks", 0) + plan.get("Shared Read Blocks", 0)
+        cursor.execute("SELECT relpages FROM pg_class WHERE relname = 'usage_usageevent'")
+        heap_pages = cursor.fetchone()[0]
+        say(
+            f"  the same per batch of {batch:,} organisations (ANY(array)): {batches_s:.2f} s in "
+            f"{-(-len(ids) // batch)} batches; one batch's count/sum touches {blocks:,} buffers "
+            f"(the heap has {heap_pages:,} pages): received_at is not in the index, so every "
+            "event is fetched from a heap stored in time order"
+        )
+        if batched_usage != usage:
+            say("  WARNING: per-batch and one-pass figures differ")
+
+    # The same batches with received_at in the index too: index-only scans (once vacuumed).
+    with psycopg.connect(database_url(db), autocommit=True, connect_timeout=10) as conn:
+        began = time.perf_counter()
+        conn.execute("SET maintenance_work_mem = '512MB'")
+        conn.execute(
+            "CREATE INDEX bench_whatif_covering ON usage_usageevent "
+            '(organisation_id, meter_id, "timestamp") INCLUDE (quantity, received_at)'
+        )
+        conn.execute("VACUUM ANALYZE usage_usageevent")
+        built_s = seconds_since(began)
+    try:
+        covered: dict[tuple[int, int], Decimal] = {}
+        with connection.cursor() as cursor:
+            began = time.perf_counter()
+            for offset in range(0, len(ids), batch):
+                fetch(cursor, ids[offset : offset + batch], covered)
+            covered_s = seconds_since(began)
+        say(
+            f"  the same batches with an index on (organisation, meter, timestamp) INCLUDE "
+            f"(quantity, received_at) (built and vacuumed in {built_s:.1f} s, then dropped): "
+            f"{covered_s:.2f} s"
+        )
+        if covered != usage:
+            say("  WARNING: figures with the covering index differ")
+    finally:
+        with psycopg.connect(database_url(db), autocommit=True, connect_timeout=10) as conn:
+            conn.execute("DROP INDEX IF EXISTS bench_whatif_covering")
 
     versions = {v.price.meter_id: v for v in PriceVersion.objects.select_related("price__meter")}
     specs = {meter: parse_price_spec(v.spec) for meter, v in versions.items()}
@@ -669,8 +718,10 @@ def what_if(workload: Workload, batch: int) -> dict[int, int]:
     say(f"  rating {len(ids) * len(specs):,} lines with plans.pricing.quote: {rating_s:.2f} s")
 
     began = time.perf_counter()
+    insert_s = 0.0
     subscriptions = dict(zip(ids, workload.subscription_ids, strict=True))
     with transaction.atomic():
+        inserting = time.perf_counter()
         periods = BillingPeriod.objects.bulk_create(
             [
                 BillingPeriod(subscription_id=subscriptions[org], start=ANCHOR, end=MONTH_END)
@@ -678,6 +729,7 @@ def what_if(workload: Workload, batch: int) -> dict[int, int]:
             ],
             batch_size=2000,
         )
+        insert_s += seconds_since(inserting)
         invoices = []
         all_lines = []
         totals: dict[int, int] = {}
@@ -727,23 +779,29 @@ def what_if(workload: Workload, batch: int) -> dict[int, int]:
             invoice.subtotal_minor = invoice.total_minor = totals[org] = total
             invoices.append(invoice)
             all_lines.append(lines)
+        inserting = time.perf_counter()
         Invoice.objects.bulk_create(invoices, batch_size=2000)
+        insert_s += seconds_since(inserting)
         flat = []
         for invoice, lines in zip(invoices, all_lines, strict=True):
             for line in lines:
                 line.invoice = invoice
                 flat.append(line)
+        inserting = time.perf_counter()
         InvoiceLine.objects.bulk_create(flat, batch_size=2000)
+        insert_s += seconds_since(inserting)
         write_s = seconds_since(began)
         transaction.set_rollback(True)
     say(
         f"  building and bulk-inserting {len(ids):,} billing periods, invoices and "
-        f"{len(flat):,} lines (one transaction, rolled back): {write_s:.2f} s"
+        f"{len(flat):,} lines (one transaction, rolled back): {write_s:.2f} s, of which "
+        f"{insert_s:.2f} s in bulk_create and {write_s - insert_s:.2f} s building the objects "
+        "(to_minor_units, breakdown JSON, model instances)"
     )
     say(
         f"  => a batched close's floor on this machine: about "
         f"{aggregate_s + rating_s + write_s:.1f} s for {len(ids):,} subscriptions "
-        "(aggregation + rating + writes; PDF tasks enqueued in bulk would add a little)"
+        "(one-pass aggregation + rating + writes; PDF tasks enqueued in bulk would add a little)"
     )
     return totals
 
@@ -1001,7 +1059,7 @@ def main() -> int:
         if not args.no_what_if:
             say("\n== (3) What-if: the pieces of a batched close, timed on the same data")
             quiet(args.quiet_wait / 3)
-            batched = what_if(workload, args.batch)
+            batched = what_if(args.db, workload, args.batch)
             undo_closes(args.db)
 
         say(

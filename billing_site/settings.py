@@ -188,6 +188,15 @@ SILENCED_SYSTEM_CHECKS = ["models.W040"]
 # A period closes this long after its end, so that late events with a timestamp inside it
 # still count in it.
 BILLING_GRACE = timedelta(minutes=env.int("BILLING_GRACE_MINUTES", default=60))
+# A close counts the events received up to this long before its as-of instant, so that every
+# request that began before the cutoff has committed when the close reads (requests time out
+# well within it).
+BILLING_CUTOFF_SETTLE = timedelta(seconds=env.int("BILLING_CUTOFF_SETTLE_SECONDS", default=120))
+# An event received this long after its timestamp may miss its period's close: it is flagged
+# `delayed` and the next close checks it. Any event a close misses is at least this late.
+INGEST_DELAYED_AFTER = BILLING_GRACE - BILLING_CUTOFF_SETTLE
+if timedelta(0) >= INGEST_DELAYED_AFTER:
+    raise ImproperlyConfigured("BILLING_GRACE must be longer than BILLING_CUTOFF_SETTLE.")
 INVOICE_DUE_DAYS = env.int("INVOICE_DUE_DAYS", default=30)
 # The seller, as printed on invoices.
 SELLER_NAME = env.str("SELLER_NAME", default="Meterline Demo Ltd")

@@ -8,7 +8,7 @@ the next invoice as an adjustment: the old period re-rated with them, minus what
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -23,11 +23,12 @@ from accounts.models import Organisation
 from core.money import currency_exponent, to_minor_units
 from core.periods import Period, billing_period, period_boundary
 from invoices.models import BillingPeriod, CreditNote, Invoice, InvoiceLine, InvoiceNumberSequence
-from plans.models import Subscription
+from plans.models import CreditGrant, Price, Subscription
 from plans.pricing import exact_sum
-from plans.selectors import credit_balance, period_cost
+from plans.selectors import credit_balance, period_cost, price_catalogue
 from plans.services import credits_apply
 from usage.models import UsageEvent
+from usage.selectors import BATCHABLE, usage_totals
 
 # Lines that bill usage of a period: what a late adjustment compares against.
 _USAGE_KINDS = (InvoiceLine.Kind.USAGE, InvoiceLine.Kind.TRUE_UP, InvoiceLine.Kind.ADJUSTMENT)
@@ -102,12 +103,28 @@ def subscription_periods(
         index += 1
 
 
-def invoice_draft(*, subscription: Subscription, period: Period, cutoff: datetime) -> InvoiceDraft:
+def invoice_draft(
+    *,
+    subscription: Subscription,
+    period: Period,
+    cutoff: datetime,
+    prices: list[Price] | None = None,
+    known_usage: Mapping[int, Decimal] | None = None,
+    late: bool = True,
+) -> InvoiceDraft:
     """Compute an invoice's lines (not stored): base fee, usage per price, true-ups, late
-    adjustments of earlier periods. The preview and the close both come through here."""
+    adjustments of earlier periods. The preview, the close and the batch close all come through
+    here; a batch passes what it read for all its subscriptions at once (`prices`,
+    `known_usage`) and whether this one has delayed events to look at (`late`)."""
     draft = InvoiceDraft(subscription=subscription, period=period, cutoff=cutoff)
     currency = draft.currency
-    cost = period_cost(subscription=subscription, period=period, received_until=cutoff)
+    cost = period_cost(
+        subscription=subscription,
+        period=period,
+        received_until=cutoff,
+        prices=prices,
+        known_usage=known_usage,
+    )
 
     def add(kind: str, description: str, amount: Decimal, **fields: object) -> None:
         draft.lines.append(
@@ -153,8 +170,11 @@ def invoice_draft(*, subscription: Subscription, period: Period, cutoff: datetim
                 breakdown={"minimum_true_up": str(quote.true_up)},
                 **usage,
             )
-    for adjustment in _late_adjustments(subscription=subscription, period=period, cutoff=cutoff):
-        add(**adjustment)  # type: ignore[arg-type]
+    if late:
+        for adjustment in _late_adjustments(
+            subscription=subscription, period=period, cutoff=cutoff
+        ):
+            add(**adjustment)  # type: ignore[arg-type]
     return draft
 
 
@@ -168,6 +188,7 @@ def _late_adjustments(
         return
     earliest = UsageEvent.objects.filter(
         organisation=subscription.organisation,
+        delayed=True,
         received_at__gt=last_cutoff,
         received_at__lte=cutoff,
         timestamp__lt=period.start,
@@ -177,6 +198,7 @@ def _late_adjustments(
     for old in previous.filter(period_end__gt=earliest).order_by("period_start"):
         late = UsageEvent.objects.filter(
             organisation=subscription.organisation,
+            delayed=True,
             received_at__gt=last_cutoff,
             received_at__lte=cutoff,
             timestamp__gte=old.period_start,
@@ -244,13 +266,20 @@ def _credit_line(draft: InvoiceDraft, amount_minor: int, description: str) -> In
 
 
 def document_number_allocate(*, prefix: str, year: int) -> str:
-    """Take the next number of a series and year (INV-2026-000123) under a row lock: gapless,
-    because it is taken inside the issuing transaction and given back if that rolls back."""
+    """Take the next number of a series and year (INV-2026-000123); see the plural."""
+    [number] = document_numbers_allocate(prefix=prefix, year=year, count=1)
+    return number
+
+
+def document_numbers_allocate(*, prefix: str, year: int, count: int) -> list[str]:
+    """Take the next `count` numbers of a series and year under a row lock: gapless, because
+    they are taken inside the issuing transaction and given back if that rolls back."""
     InvoiceNumberSequence.objects.get_or_create(prefix=prefix, year=year)
     sequence = InvoiceNumberSequence.objects.select_for_update().get(prefix=prefix, year=year)
-    sequence.last_number += 1
+    first = sequence.last_number + 1
+    sequence.last_number += count
     sequence.save(update_fields=["last_number"])
-    return f"{prefix}-{year}-{sequence.last_number:06d}"
+    return [f"{prefix}-{year}-{n:06d}" for n in range(first, first + count)]
 
 
 @transaction.atomic
@@ -271,7 +300,8 @@ def period_close(
     if existing is not None:
         return existing, False
 
-    draft = invoice_draft(subscription=subscription, period=period, cutoff=as_of)
+    cutoff = close_cutoff(as_of)
+    draft = invoice_draft(subscription=subscription, period=period, cutoff=cutoff)
     invoice = Invoice.objects.create(
         organisation=subscription.organisation,
         subscription=subscription,
@@ -279,7 +309,7 @@ def period_close(
         period_start=period.start,
         period_end=period.end,
         currency=draft.currency,
-        cutoff=as_of,
+        cutoff=cutoff,
     )
     invoice.number = document_number_allocate(prefix="INV", year=as_of.year)
     subtotal = draft.subtotal_minor
@@ -344,22 +374,177 @@ def periods_close(
     as_of: datetime,
     organisation: Organisation | None = None,
     progress: Callable[[int], object] | None = None,
+    batch_size: int = 500,
 ) -> CloseSummary:
-    """Close every due period (see `periods_due`), each in its own transaction."""
+    """Close every due period (see `periods_due`) in batches of subscriptions sharing a period.
+
+    Each batch is one transaction that reads usage for all its customers in one query per
+    meter and writes in bulk; what it bills is what `period_close` bills one by one. Periods
+    another closer is working on (locked rows) are skipped, not waited for.
+    """
     summary = CloseSummary()
+    by_period: dict[Period, list[Subscription]] = {}
     for subscription, period in periods_due(as_of=as_of, organisation=organisation):
-        invoice, created = period_close(subscription=subscription, period=period, as_of=as_of)
-        if created:
-            summary.closed += 1
-            summary.invoices.append(invoice.number or "")
-            summary.total_minor[invoice.currency] = (
-                summary.total_minor.get(invoice.currency, 0) + invoice.total_minor
-            )
-        else:
-            summary.already += 1
-        if progress:
-            progress(1)
+        by_period.setdefault(period, []).append(subscription)
+    for period, subscriptions in sorted(by_period.items(), key=lambda item: item[0].start):
+        for offset in range(0, len(subscriptions), batch_size):
+            batch = subscriptions[offset : offset + batch_size]
+            invoices, skipped = _close_batch(period=period, subscriptions=batch, as_of=as_of)
+            summary.already += skipped
+            for invoice in invoices:
+                summary.closed += 1
+                summary.invoices.append(invoice.number or "")
+                summary.total_minor[invoice.currency] = (
+                    summary.total_minor.get(invoice.currency, 0) + invoice.total_minor
+                )
+            if progress:
+                progress(len(batch))
     return summary
+
+
+def close_cutoff(as_of: datetime) -> datetime:
+    """The receipt instant a close counts events up to (see BILLING_CUTOFF_SETTLE)."""
+    return as_of - settings.BILLING_CUTOFF_SETTLE
+
+
+@transaction.atomic
+def _close_batch(
+    *, period: Period, subscriptions: list[Subscription], as_of: datetime
+) -> tuple[list[Invoice], int]:
+    """Invoice `period` for many subscriptions at once; return the invoices and how many were
+    skipped (already invoiced, or being invoiced by another closer right now)."""
+    BillingPeriod.objects.bulk_create(
+        [BillingPeriod(subscription=s, start=period.start, end=period.end) for s in subscriptions],
+        ignore_conflicts=True,
+    )
+    # Lock this batch's uninvoiced periods; rows another closer holds are skipped (it is
+    # invoicing them). Without an invoice after the lock means nobody has.
+    open_periods = {
+        stored.subscription_id: stored
+        for stored in BillingPeriod.objects.select_for_update(skip_locked=True, of=("self",))
+        .filter(subscription__in=subscriptions, start=period.start, invoice__isnull=True)
+        .order_by("subscription_id")
+    }
+    todo = [s for s in subscriptions if s.pk in open_periods]
+    if not todo:
+        return [], len(subscriptions)
+    cutoff = close_cutoff(as_of)
+
+    catalogue = price_catalogue(subscriptions=todo)
+    meters = {p.meter_id: p.meter for prices in catalogue.values() for p in prices}
+    organisation_ids = [s.organisation_id for s in todo]
+    known: dict[int, dict[int, Decimal]] = {org_id: {} for org_id in organisation_ids}
+    for meter in meters.values():
+        if meter.spec.aggregation in BATCHABLE:
+            totals = usage_totals(
+                organisation_ids=organisation_ids, meter=meter, period=period, received_until=cutoff
+            )
+            for org_id, value in totals.items():
+                known[org_id][meter.pk] = value
+    late = _with_delayed_events(subscriptions=todo, period=period, cutoff=cutoff)
+    with_credit = _organisations_with_credit(organisation_ids=organisation_ids, at=as_of)
+
+    drafts = [
+        invoice_draft(
+            subscription=s,
+            period=period,
+            cutoff=cutoff,
+            prices=catalogue[s.pk],
+            known_usage=known[s.organisation_id],
+            late=s.pk in late,
+        )
+        for s in todo
+    ]
+    numbers = document_numbers_allocate(prefix="INV", year=as_of.year, count=len(drafts))
+    invoices = []
+    for draft, number in zip(drafts, numbers, strict=True):
+        subscription = draft.subscription
+        if subscription.organisation_id in with_credit:
+            _apply_credits(draft, number=number, at=as_of)
+        invoices.append(
+            Invoice(
+                organisation_id=subscription.organisation_id,
+                subscription=subscription,
+                billing_period=open_periods[subscription.pk],
+                period_start=period.start,
+                period_end=period.end,
+                currency=draft.currency,
+                status=Invoice.Status.FINALIZED,
+                number=number,
+                cutoff=cutoff,
+                issued_at=as_of,
+                due_at=as_of + timedelta(days=settings.INVOICE_DUE_DAYS),
+                subtotal_minor=draft.subtotal_minor,
+                credits_minor=draft.credits_minor,
+                total_minor=draft.total_minor,
+            )
+        )
+    Invoice.objects.bulk_create(invoices)
+    lines = []
+    for invoice, draft in zip(invoices, drafts, strict=True):
+        for line in draft.lines:
+            line.invoice = invoice
+            lines.append(line)
+    InvoiceLine.objects.bulk_create(lines, batch_size=2000)
+    ids = [invoice.pk for invoice in invoices]
+    transaction.on_commit(lambda: async_task("invoices.tasks.invoice_documents_render", ids))
+    return invoices, len(subscriptions) - len(todo)
+
+
+def _apply_credits(draft: InvoiceDraft, *, number: str, at: datetime) -> None:
+    for grant, used in credits_apply(
+        organisation=draft.organisation,
+        currency=draft.currency,
+        amount_minor=max(draft.subtotal_minor, 0),
+        at=at,
+        reference=number,
+    ):
+        label = grant.description or f"{grant.get_category_display()} credit"
+        draft.lines.append(_credit_line(draft, used, f"Credit applied: {label}"))
+
+
+def _with_delayed_events(
+    *, subscriptions: list[Subscription], period: Period, cutoff: datetime
+) -> set[int]:
+    """Subscriptions whose organisation has delayed events, received since its last invoice's
+    cutoff, for earlier periods: only these need the late-adjustment check."""
+    last_cutoffs = dict(
+        Invoice.objects.filter(subscription__in=subscriptions, period_start__lt=period.start)
+        .values("subscription")
+        .annotate(at=Max("cutoff"))
+        .values_list("subscription", "at")
+    )
+    if not last_cutoffs:
+        return set()
+    latest = dict(
+        UsageEvent.objects.filter(
+            organisation_id__in=[s.organisation_id for s in subscriptions],
+            delayed=True,
+            received_at__gt=min(last_cutoffs.values()),
+            received_at__lte=cutoff,
+            timestamp__lt=period.start,
+        )
+        .order_by()
+        .values("organisation_id")
+        .annotate(at=Max("received_at"))
+        .values_list("organisation_id", "at")
+    )
+    return {
+        s.pk
+        for s in subscriptions
+        if s.pk in last_cutoffs
+        and s.organisation_id in latest
+        and latest[s.organisation_id] > last_cutoffs[s.pk]
+    }
+
+
+def _organisations_with_credit(*, organisation_ids: list[int], at: datetime) -> set[int]:
+    """Organisations with any credit grant in force at `at` (balance checked when applied)."""
+    return set(
+        CreditGrant.objects.filter(organisation_id__in=organisation_ids, effective_from__lte=at)
+        .values_list("organisation_id", flat=True)
+        .distinct()
+    )
 
 
 @transaction.atomic

@@ -30,3 +30,10 @@ def invoice_document_render(invoice_id: int) -> None:
     from invoices.documents import invoice_document_create
 
     invoice_document_create(invoice=Invoice.objects.get(pk=invoice_id))
+
+
+def invoice_documents_render(invoice_ids: list[int]) -> None:
+    from invoices.documents import invoice_document_create
+
+    for invoice in Invoice.objects.filter(pk__in=invoice_ids).order_by("pk"):
+        invoice_document_create(invoice=invoice)

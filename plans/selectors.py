@@ -58,15 +58,30 @@ class PriceInForce:
         return self.price.meter
 
 
-def prices_in_force(*, subscription: Subscription, period: Period) -> list[PriceInForce]:
-    """Return, per meter, the version in force for `period`: the subscription's override if
-    one applies, else the plan's. A version applies to periods starting at or after its
-    `effective_from`."""
-    prices = (
-        Price.objects.filter(Q(plan=subscription.plan_id) | Q(subscription=subscription))
+def price_catalogue(*, subscriptions: list[Subscription]) -> dict[int, list[Price]]:
+    """Every price (plan's and overrides, versions loaded) of many subscriptions, in 2 queries."""
+    prices = list(
+        Price.objects.filter(
+            Q(plan__in={s.plan_id for s in subscriptions})
+            | Q(subscription__in=[s.pk for s in subscriptions])
+        )
         .select_related("meter")
         .prefetch_related("versions")
     )
+    return {
+        s.pk: [p for p in prices if p.plan_id == s.plan_id or p.subscription_id == s.pk]
+        for s in subscriptions
+    }
+
+
+def prices_in_force(
+    *, subscription: Subscription, period: Period, prices: list[Price] | None = None
+) -> list[PriceInForce]:
+    """Return, per meter, the version in force for `period`: the subscription's override if
+    one applies, else the plan's. A version applies to periods starting at or after its
+    `effective_from`. `prices` is this subscription's entry of a `price_catalogue`."""
+    if prices is None:
+        prices = price_catalogue(subscriptions=[subscription])[subscription.pk]
     chosen: dict[int, PriceInForce] = {}
     for price in sorted(prices, key=lambda p: p.is_override):  # overrides last: they win
         versions = [v for v in price.versions.all() if v.effective_from <= period.start]
@@ -120,17 +135,21 @@ def period_cost(
     as_of: datetime | None = None,
     candidates: Mapping[int, PriceSpec] | None = None,
     received_until: datetime | None = None,
+    prices: list[Price] | None = None,
+    known_usage: Mapping[int, Decimal] | None = None,
 ) -> PeriodCost:
     """Price a subscription's usage over `period`, counting events before `as_of`.
 
     `as_of` defaults to the period's end (a whole period). `candidates` maps meter ids to specs
     to price with instead of the ones in force (the admin's "what if" preview).
     `received_until` counts only events received by then (the period close's cutoff).
+    A batch close passes what it read for many subscriptions at once: `prices` (from
+    `price_catalogue`) and `known_usage` (meter id -> the whole period's value).
     """
     as_of = min(as_of or period.end, period.end)
     organisation = subscription.organisation
     lines = []
-    for in_force in prices_in_force(subscription=subscription, period=period):
+    for in_force in prices_in_force(subscription=subscription, period=period, prices=prices):
         meter = in_force.meter
         spec = (candidates or {}).get(meter.pk) or in_force.version.parsed
         lines.append(
@@ -141,6 +160,7 @@ def period_cost(
                 period=period,
                 as_of=as_of,
                 received_until=received_until,
+                known=(known_usage or {}).get(meter.pk) if as_of >= period.end else None,
             )
         )
     return PeriodCost(subscription, period, as_of, subscription.plan.base_fee, lines)
@@ -154,19 +174,19 @@ def _meter_cost(
     period: Period,
     as_of: datetime,
     received_until: datetime | None,
+    known: Decimal | None = None,
 ) -> MeterCost:
     meter = in_force.meter
-    # A sum whose corrections outweigh its usage bills nothing, not a credit.
-    usage = max(
-        usage_so_far(
+    if known is None:
+        known = usage_so_far(
             organisation=organisation,
             meter=meter,
             period=period,
             as_of=as_of,
             received_until=received_until,
-        ),
-        Decimal(0),
-    )
+        )
+    # A sum whose corrections outweigh its usage bills nothing, not a credit.
+    usage = max(known, Decimal(0))
     elapsed = Decimal((as_of - period.start) / (period.end - period.start))
     values = None
     if spec.needs_events:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils.functional import cached_property
@@ -84,6 +85,10 @@ class UsageEvent(models.Model):
     # Unique per organisation for ever: a retried event is answered `duplicate`, counted once.
     idempotency_key = models.CharField(max_length=255)
     source = models.CharField(max_length=8, choices=Source.choices, default=Source.API)
+    # Received more than INGEST_DELAYED_AFTER after its own timestamp: its period may already
+    # be invoiced, so the next close looks at it (through a small partial index) to bill it as
+    # an adjustment. Set at ingestion from the event alone, no coordination with billing.
+    delayed = models.BooleanField(default=False)
 
     class Meta:
         constraints = [
@@ -102,6 +107,11 @@ class UsageEvent(models.Model):
                 include=["quantity"],
                 name="usage_event_org_meter_ts",
             ),
+            models.Index(
+                fields=["organisation", "received_at"],
+                condition=models.Q(delayed=True),
+                name="usage_event_delayed",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -110,4 +120,6 @@ class UsageEvent(models.Model):
     def save(self, *args: Any, **kwargs: Any) -> None:
         if self.pk is not None and not self._state.adding:
             raise ValueError("Usage events are append-only; record a correction instead.")
+        # As ingestion sets it (bulk inserts compute it in SQL).
+        self.delayed = self.received_at - self.timestamp > settings.INGEST_DELAYED_AFTER
         super().save(*args, **kwargs)

@@ -93,6 +93,10 @@ def meter_events(
     events = UsageEvent.objects.filter(organisation=organisation, meter=meter)
     if received_until is not None:
         events = events.filter(received_at__lte=received_until)
+    return _filtered(events, meter)
+
+
+def _filtered(events: QuerySet[UsageEvent], meter: Meter) -> QuerySet[UsageEvent]:
     for position, (name, values) in enumerate(meter.spec.filters.items()):
         # An alias, not `properties__<name>__in`: a property called "contains" would otherwise
         # be read as a lookup. KeyTransform compares JSON values, so "1" never matches 1.
@@ -158,6 +162,54 @@ def usage_so_far(
     return usage_total(
         organisation=organisation, meter=meter, period=elapsed, received_until=received_until
     )
+
+
+# Aggregations a batch can compute for many organisations in one GROUP BY.
+BATCHABLE = frozenset(
+    {Aggregation.COUNT, Aggregation.SUM, Aggregation.MAX, Aggregation.UNIQUE_COUNT}
+)
+
+
+def usage_totals(
+    *,
+    organisation_ids: list[int],
+    meter: Meter,
+    period: Period,
+    received_until: datetime | None = None,
+) -> dict[int, Decimal]:
+    """The meter's value over `period` for many organisations in one query (see BATCHABLE):
+    what a period close reads for a batch instead of one query per customer."""
+    spec = meter.spec
+    if spec.aggregation not in BATCHABLE:
+        raise ValueError(f"{spec.aggregation} is computed per organisation (usage_total).")
+    events = UsageEvent.objects.filter(
+        organisation_id__in=organisation_ids,
+        meter=meter,
+        timestamp__gte=period.start,
+        timestamp__lt=period.end,
+    )
+    if received_until is not None:
+        events = events.filter(received_at__lte=received_until)
+    value: Any
+    match spec.aggregation:
+        case Aggregation.COUNT:
+            value = Count("id")
+        case Aggregation.SUM:
+            value = ExactSum("quantity")
+        case Aggregation.MAX:
+            value = Max("quantity")
+        case _:
+            value = Count(_unique_expression(spec), distinct=True)
+    rows = (
+        _filtered(events, meter)
+        .order_by()
+        .values("organisation_id")
+        .annotate(value=value)
+        .values_list("organisation_id", "value")
+    )
+    totals = dict.fromkeys(organisation_ids, Decimal(0))
+    totals.update({organisation_id: _decimal(v) for organisation_id, v in rows})
+    return totals
 
 
 def _unique_expression(spec: MeterSpec) -> KeyTransform:

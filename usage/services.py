@@ -265,6 +265,7 @@ _COLUMNS = (
     "received_at",
     "idempotency_key",
     "source",
+    "delayed",
 )
 
 
@@ -308,6 +309,7 @@ def _insert(
                     received_at,
                     event.key,
                     source,
+                    now - event.timestamp > settings.INGEST_DELAYED_AFTER,
                 ]
             sql = (
                 f"INSERT INTO {qn(meta.db_table)} ({_columns_sql()}) "  # noqa: S608
@@ -334,7 +336,7 @@ def _insert_postgresql(
     qn = connection.ops.quote_name
     sql = (
         f"INSERT INTO {qn(meta.db_table)} ({_columns_sql()}) "  # noqa: S608
-        "SELECT %s, u.m, u.q, u.p::jsonb, u.t, %s, u.k, %s "
+        "SELECT %s, u.m, u.q, u.p::jsonb, u.t, %s, u.k, %s, u.t < %s "
         "FROM unnest(%s::bigint[], %s::numeric[], %s::text[], %s::timestamptz[], %s::text[]) "
         "AS u(m, q, p, t, k) "
         f"ON CONFLICT ({qn('organisation_id')}, {qn('idempotency_key')}) DO NOTHING "
@@ -344,6 +346,7 @@ def _insert_postgresql(
         organisation.pk,
         now,
         source,
+        now - settings.INGEST_DELAYED_AFTER,
         [event.meter.pk for event in events],
         [event.quantity for event in events],
         [orjson.dumps(event.properties).decode() for event in events],

@@ -60,4 +60,5 @@ def test_scheduled_close_uses_the_intended_time_not_the_clock(customers):
     # at the intended time, so nothing closes.
     assert close_due_periods(intended_date="2026-02-01T00:30:00+00:00").startswith("closed 0")
     assert close_due_periods(intended_date="2026-02-01T01:00:00+00:00").startswith("closed 2")
-    assert {i.cutoff for i in Invoice.objects.all()} == {datetime(2026, 2, 1, 1, tzinfo=UTC)}
+    # Events received up to two minutes (BILLING_CUTOFF_SETTLE) before the intended time count.
+    assert {i.cutoff for i in Invoice.objects.all()} == {datetime(2026, 2, 1, 0, 58, tzinfo=UTC)}

@@ -68,7 +68,7 @@ def test_two_closers_at_once_invoice_each_period_once():
     def closer():
         try:
             barrier.wait()
-            periods_close(as_of=AS_OF)
+            periods_close(as_of=AS_OF, batch_size=7)
         except BaseException as exc:
             errors.append(exc)
         finally:
@@ -94,14 +94,22 @@ def test_a_closer_killed_mid_batch_and_rerun_invoices_each_period_once():
         "DJANGO_SETTINGS_MODULE": "billing_site.test_settings",
     }
     process = subprocess.Popen(
-        [sys.executable, "manage.py", "close_periods", "--as-of", AS_OF.isoformat()],
+        [
+            sys.executable,
+            "manage.py",
+            "close_periods",
+            "--as-of",
+            AS_OF.isoformat(),
+            "--batch-size",
+            "4",
+        ],
         cwd=ROOT,
         env=environment,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 60
-    while Invoice.objects.count() < 3 and time.monotonic() < deadline and process.poll() is None:
+    while Invoice.objects.count() < 4 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=10)

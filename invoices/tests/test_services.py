@@ -312,3 +312,98 @@ def test_a_finalized_invoice_refuses_changes_but_can_be_marked_paid(billing):
     stored.status = Invoice.Status.PAID
     stored.save(update_fields=["status"])
     assert Invoice.objects.get(pk=invoice.pk).status == "paid"
+
+
+def test_the_batch_close_bills_what_the_single_close_bills(db):
+    """periods_close reads usage for a whole batch at once; its lines must equal the one-by-one
+    draft's for every aggregation and price model, with overrides and credits."""
+    meters = {
+        "count": make_meter("count"),
+        "sum": make_meter("sum", property="v"),
+        "max": make_meter("max", property="v"),
+        "unique": make_meter("unique_count", property="user"),
+        "latest": make_meter("latest", property="v"),
+        "level": make_meter("weighted_sum", property="v"),
+        "payments": make_meter("sum", property="v", filters={"kind": ["card"]}),
+    }
+    tiers = {
+        "model": "graduated",
+        "tiers": [
+            {"up_to": "3", "unit_price": "0.7", "flat_fee": "1"},
+            {"up_to": None, "unit_price": "0.3"},
+        ],
+    }
+    plan = make_plan(
+        {
+            meters["count"]: tiers,
+            meters["sum"]: {"model": "standard", "unit_price": "0.000123"},
+            meters["max"]: {
+                "model": "volume",
+                "tiers": [{"up_to": "5", "unit_price": "2"}, {"up_to": None, "unit_price": "1"}],
+            },
+            meters["unique"]: {"model": "package", "package_size": "2", "package_price": "3"},
+            meters["latest"]: {"model": "standard", "unit_price": "4", "minimum_amount": "50"},
+            meters["level"]: {"model": "standard", "unit_price": "0.1"},
+            meters["payments"]: {
+                "model": "percentage",
+                "rate_percent": "2.9",
+                "fixed_fee_per_event": "0.3",
+                "free_events": 1,
+            },
+        },
+        base_fee=Decimal("9.99"),
+    )
+    subscriptions = []
+    for n in range(6):
+        org = make_organisation()
+        subscription = make_subscription(org, plan, ANCHOR)
+        subscriptions.append(subscription)
+        for i in range(n * 3):
+            at = JAN.start + timedelta(hours=7 * i + n)
+            value = str(Decimal(i * 37 % 11) + Decimal("0.25"))
+            UsageEvent.objects.create(
+                organisation=org,
+                meter=meters[list(meters)[i % len(meters)]],
+                quantity=Decimal(value),
+                properties={"v": value, "user": f"u{i % 4}", "kind": "card" if i % 3 else "cash"},
+                timestamp=at,
+                received_at=at,
+                idempotency_key=f"{n}-{i}",
+            )
+    from plans.services import price_set
+
+    price_set(
+        subscription=subscriptions[2],
+        meter=meters["count"],
+        spec={"model": "standard", "unit_price": "5"},
+        effective_from=ANCHOR,
+    )
+    credit_grant_create(
+        organisation=subscriptions[3].organisation,
+        amount_minor=1234,
+        currency="USD",
+        effective_from=ANCHOR,
+    )
+
+    from invoices.services import close_cutoff, invoice_draft
+
+    as_of = JAN.end + timedelta(hours=2)
+    expected = {
+        s.pk: [
+            (line.kind, line.description, line.amount_exact, line.amount_minor)
+            for line in invoice_draft(subscription=s, period=JAN, cutoff=close_cutoff(as_of)).lines
+        ]
+        for s in subscriptions
+    }
+    summary = periods_close(as_of=as_of, batch_size=4)
+    assert summary.closed == 6
+    for subscription in subscriptions:
+        invoice = Invoice.objects.get(subscription=subscription)
+        lines = [
+            (line.kind, line.description, line.amount_exact, line.amount_minor)
+            for line in invoice.lines.order_by("position")
+        ]
+        non_credit = [line for line in lines if line[0] != "credit"]
+        assert non_credit == expected[subscription.pk]
+        assert invoice.total_minor == sum(line[3] for line in lines)
+    assert Invoice.objects.get(subscription=subscriptions[3]).credits_minor > 0

@@ -204,3 +204,22 @@ def test_concurrent_overlapping_batches_count_each_key_once():
     stored = UsageEvent.objects.filter(organisation=org)
     assert stored.count() == len(sent_keys)
     assert sum(e.quantity for e in stored) == sum(quantity[k] for k in sent_keys)
+
+
+@pytest.mark.django_db
+def test_events_received_long_after_their_timestamp_are_flagged_delayed(settings):
+    org = make_organisation()
+    meter = make_meter("count")
+    threshold = settings.INGEST_DELAYED_AFTER
+    results = events_ingest(
+        organisation=org,
+        payloads=[
+            event(meter, "prompt", timestamp=(NOW - threshold).isoformat()),
+            event(
+                meter, "late", timestamp=(NOW - threshold - timedelta(microseconds=1)).isoformat()
+            ),
+        ],
+        now=NOW,
+    )
+    flags = {r.idempotency_key: UsageEvent.objects.get(pk=r.event_id).delayed for r in results}
+    assert flags == {"prompt": False, "late": True}

@@ -22,6 +22,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--dry-run", action="store_true", help="Show what would be invoiced; store nothing."
         )
+        parser.add_argument(
+            "--batch-size",
+            type=int,
+            default=500,
+            help="Subscriptions closed per transaction (default 500).",
+        )
 
     def handle(self, *args: object, **options: Any) -> None:
         as_of = timezone.now()
@@ -53,7 +59,12 @@ class Command(BaseCommand):
 
         due_count = len(periods_due(as_of=as_of, organisation=organisation))
         with tqdm(total=due_count, desc="close", disable=not self.stderr.isatty()) as bar:
-            summary = periods_close(as_of=as_of, organisation=organisation, progress=bar.update)
+            summary = periods_close(
+                as_of=as_of,
+                organisation=organisation,
+                progress=bar.update,
+                batch_size=options["batch_size"],
+            )
         totals = ", ".join(f"{amount} {cur}" for cur, amount in sorted(summary.total_minor.items()))
         self.stdout.write(
             f"closed {summary.closed} period(s), {summary.already} already closed, "

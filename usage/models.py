@@ -101,10 +101,11 @@ class UsageEvent(models.Model):
         ]
         indexes = [
             # Answers one organisation's meter over a period; on PostgreSQL it also covers the
-            # quantity, so sums and counts are read from the index alone.
+            # quantity and the receipt time (a close's cutoff), so sums and counts are read from
+            # the index alone.
             models.Index(
                 fields=["organisation", "meter", "timestamp"],
-                include=["quantity"],
+                include=["quantity", "received_at"],
                 name="usage_event_org_meter_ts",
             ),
             models.Index(

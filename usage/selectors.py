@@ -120,7 +120,7 @@ def usage_total(
     spec = meter.spec
     match spec.aggregation:
         case Aggregation.COUNT:
-            return Decimal(inside.count())
+            return Decimal(inside.count())  # COUNT(*): from the index alone
         case Aggregation.SUM:
             return _decimal(inside.aggregate(value=ExactSum("quantity"))["value"])
         case Aggregation.MAX:
@@ -164,10 +164,8 @@ def usage_so_far(
     )
 
 
-# Aggregations a batch can compute for many organisations in one GROUP BY.
-BATCHABLE = frozenset(
-    {Aggregation.COUNT, Aggregation.SUM, Aggregation.MAX, Aggregation.UNIQUE_COUNT}
-)
+# Aggregations a batch computes for many organisations in one query: all of them.
+BATCHABLE = frozenset(Aggregation)
 
 
 def usage_totals(
@@ -177,37 +175,50 @@ def usage_totals(
     period: Period,
     received_until: datetime | None = None,
 ) -> dict[int, Decimal]:
-    """The meter's value over `period` for many organisations in one query (see BATCHABLE):
-    what a period close reads for a batch instead of one query per customer."""
+    """The meter's value over `period` for many organisations in one query (two for
+    weighted_sum): what a period close reads for a batch instead of queries per customer.
+    Equal to `usage_total` for each organisation (a test holds them to it)."""
     spec = meter.spec
-    if spec.aggregation not in BATCHABLE:
-        raise ValueError(f"{spec.aggregation} is computed per organisation (usage_total).")
-    events = UsageEvent.objects.filter(
-        organisation_id__in=organisation_ids,
-        meter=meter,
-        timestamp__gte=period.start,
-        timestamp__lt=period.end,
-    )
+    events = UsageEvent.objects.filter(organisation_id__in=organisation_ids, meter=meter)
     if received_until is not None:
         events = events.filter(received_at__lte=received_until)
-    value: Any
-    match spec.aggregation:
-        case Aggregation.COUNT:
-            value = Count("id")
-        case Aggregation.SUM:
-            value = ExactSum("quantity")
-        case Aggregation.MAX:
-            value = Max("quantity")
-        case _:
-            value = Count(_unique_expression(spec), distinct=True)
-    rows = (
-        _filtered(events, meter)
-        .order_by()
-        .values("organisation_id")
-        .annotate(value=value)
-        .values_list("organisation_id", "value")
-    )
+    events = _filtered(events, meter)
     totals = dict.fromkeys(organisation_ids, Decimal(0))
+    if spec.aggregation == Aggregation.WEIGHTED_SUM:
+        for organisation_id, integral in _level_integrals(events, period).items():
+            totals[organisation_id] = level_average(integral, period)
+        return totals
+    inside = events.filter(timestamp__gte=period.start, timestamp__lt=period.end).order_by()
+    rows: Iterable[tuple[int, object]]
+    if spec.aggregation == Aggregation.LATEST:
+        rows = (
+            inside.annotate(
+                rank=Window(
+                    RowNumber(),
+                    partition_by=[F("organisation_id")],
+                    order_by=[F("timestamp").desc(), F("id").desc()],
+                )
+            )
+            .filter(rank=1)
+            .values_list("organisation_id", "quantity")
+        )
+    else:
+        value: Any
+        match spec.aggregation:
+            case Aggregation.COUNT:
+                # COUNT(*), not COUNT(id): answered from the index alone.
+                value = Count("*")
+            case Aggregation.SUM:
+                value = ExactSum("quantity")
+            case Aggregation.MAX:
+                value = Max("quantity")
+            case _:
+                value = Count(_unique_expression(spec), distinct=True)
+        rows = (
+            inside.values("organisation_id")
+            .annotate(value=value)
+            .values_list("organisation_id", "value")
+        )
     totals.update({organisation_id: _decimal(v) for organisation_id, v in rows})
     return totals
 
@@ -224,16 +235,36 @@ def _level_window(events: QuerySet[UsageEvent], period: Period) -> QuerySet[Usag
 
 
 def _level_integral(events: QuerySet[UsageEvent], period: Period) -> Decimal:
-    """Return the integral of the level over `period` (level x microseconds), exact.
+    """The level integral of one organisation's events (see `_level_integrals`)."""
+    return next(iter(_level_integrals(events, period).values()), Decimal(0))
 
-    Each event's level holds until the next event (LEAD over timestamp, id) or the period's end;
-    the last event before the period carries its level in from the period's start. Segments are
-    clipped to the period: earlier readings tied with the carried one last no time at all.
+
+def _level_integrals(events: QuerySet[UsageEvent], period: Period) -> dict[int, Decimal]:
+    """Return each organisation's integral of the level over `period` (level x microseconds).
+
+    Each event's level holds until the organisation's next event (LEAD over timestamp, id) or
+    the period's end; the last event before the period carries its level in from the period's
+    start. Segments are clipped to the period, so reading from the earliest carried-in event of
+    any organisation is exact for all: older readings last no time inside the period.
     """
+    carried = (
+        events.filter(timestamp__lt=period.start)
+        .order_by()
+        .values("organisation_id")
+        .annotate(at=Max("timestamp"))
+        .values_list("at", flat=True)
+    )
+    lower = min(carried, default=None) or period.start
     segments = (
-        _level_window(events, period)
-        .annotate(next_ts=Window(Lead("timestamp"), order_by=[F("timestamp").asc(), F("id").asc()]))
-        .values("quantity", "timestamp", "next_ts")
+        events.filter(timestamp__gte=lower, timestamp__lt=period.end)
+        .annotate(
+            next_ts=Window(
+                Lead("timestamp"),
+                partition_by=[F("organisation_id")],
+                order_by=[F("timestamp").asc(), F("id").asc()],
+            )
+        )
+        .values("organisation_id", "quantity", "timestamp", "next_ts")
     )
     inner_sql, inner_params = segments.query.sql_with_params()
     start = connection.ops.adapt_datetimefield_value(period.start)
@@ -241,23 +272,22 @@ def _level_integral(events: QuerySet[UsageEvent], period: Period) -> Decimal:
     if connection.vendor == "postgresql":
         # EXTRACT(EPOCH FROM interval) is exact NUMERIC on PostgreSQL 14 and later.
         outer = (
-            "SELECT CAST(SUM(seg.quantity * EXTRACT(EPOCH FROM "
+            "SELECT seg.organisation_id, CAST(SUM(seg.quantity * EXTRACT(EPOCH FROM "
             "(GREATEST(COALESCE(seg.next_ts, %s), %s) - GREATEST(seg.timestamp, %s))) * 1000000)"
             " AS TEXT) "
-            "FROM ({}) seg"
+            "FROM ({}) seg GROUP BY seg.organisation_id"
         )
     else:
         outer = (
-            "SELECT ml_dsum_product(seg.quantity, "
+            "SELECT seg.organisation_id, ml_dsum_product(seg.quantity, "
             "ml_epoch_us(MAX(COALESCE(seg.next_ts, %s), %s)) "
             "- ml_epoch_us(MAX(seg.timestamp, %s))) "
-            "FROM ({}) seg"
+            "FROM ({}) seg GROUP BY seg.organisation_id"
         )
     # The inner SQL is Django's own compilation of the queryset, with its parameters apart.
     with connection.cursor() as cursor:
         cursor.execute(outer.format(inner_sql), [end, start, start, *inner_params])
-        row = cursor.fetchone()
-    return _decimal(row[0] if row else None)
+        return {organisation_id: _decimal(value) for organisation_id, value in cursor.fetchall()}
 
 
 def usage_series(

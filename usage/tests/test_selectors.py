@@ -12,7 +12,7 @@ from accounts.tests.factories import make_organisation
 from core.periods import Period, day_buckets
 from usage.aggregation import Reading, aggregate
 from usage.models import UsageEvent
-from usage.selectors import usage_series, usage_total
+from usage.selectors import usage_series, usage_total, usage_totals
 from usage.tests.factories import make_meter
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -266,3 +266,49 @@ def test_weighted_sum_with_tied_readings_before_the_period_takes_the_last_to_arr
     assert usage_total(organisation=org, meter=meter, period=PERIOD) == 0
     store(org, meter, START + timedelta(days=31) - timedelta(days=31) / 2, "4", v="4")
     assert usage_total(organisation=org, meter=meter, period=PERIOD) == 2
+
+
+@pytest.mark.django_db
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    per_org=st.lists(events_strategy, min_size=1, max_size=4),
+    aggregation=st.sampled_from(AGGREGATIONS),
+    filtered=st.booleans(),
+)
+def test_batch_totals_equal_the_per_organisation_totals(per_org, aggregation, filtered):
+    spec = (
+        {}
+        if aggregation == "count"
+        else {"property": "user" if aggregation == "unique_count" else "v"}
+    )
+    if filtered:
+        spec["filters"] = {"region": ["eu", "us"]}
+    meter = make_meter(aggregation, **spec)
+    organisations = [make_organisation() for _ in per_org]
+    for org, events in zip(organisations, per_org, strict=True):
+        for at, value, user, region in events:
+            properties = {"v": str(value), "user": user}
+            if region is not None:
+                properties["region"] = region
+            store(
+                org,
+                meter,
+                at,
+                "1" if aggregation in ("count", "unique_count") else value,
+                **properties,
+            )
+    cutoff = END + timedelta(days=30)
+    batch = usage_totals(
+        organisation_ids=[o.pk for o in organisations],
+        meter=meter,
+        period=PERIOD,
+        received_until=cutoff,
+    )
+    assert batch == {
+        org.pk: usage_total(organisation=org, meter=meter, period=PERIOD, received_until=cutoff)
+        for org in organisations
+    }

@@ -727,6 +727,11 @@ class Timers:
         if isinstance(original, property):
             assert original.fget is not None
             setattr(owner, name, property(self.wrap(original.fget, label)))
+        elif type(original).__name__ == "cached_property":
+            # Django's cached_property (Meter.spec): time the first computation per instance.
+            cached = type(original)(self.wrap(original.func, label))
+            cached.__set_name__(owner, name)
+            setattr(owner, name, cached)
         else:
             setattr(owner, name, self.wrap(original, label))
 

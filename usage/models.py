@@ -88,7 +88,7 @@ class UsageEvent(models.Model):
     # Received more than INGEST_DELAYED_AFTER after its own timestamp: its period may already
     # be invoiced, so the next close looks at it (through a small partial index) to bill it as
     # an adjustment. Set at ingestion from the event alone, no coordination with billing.
-    delayed = models.BooleanField(default=False)
+    delayed = models.BooleanField(default=False, db_default=False)
 
     class Meta:
         constraints = [

@@ -8,10 +8,13 @@ from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
 from django.urls import URLPattern, path, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
 from invoices.documents import invoice_document_create, invoice_render_html
 from invoices.models import BillingPeriod, CreditNote, Invoice, InvoiceLine
+from invoices.services import invoice_preview
+from plans.models import Subscription
 
 
 class InvoiceLineInline(admin.TabularInline[InvoiceLine, Invoice]):
@@ -101,12 +104,25 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
                 self.admin_site.admin_view(self.pdf_view),
                 name="invoices_invoice_pdf",
             ),
+            path(
+                "upcoming/<int:subscription_pk>/",
+                self.admin_site.admin_view(self.upcoming_view),
+                name="invoices_invoice_upcoming",
+            ),
             *super().get_urls(),
         ]
 
     def html_view(self, request: HttpRequest, pk: int) -> HttpResponse:
         invoice = get_object_or_404(Invoice, pk=pk)
         return HttpResponse(invoice_render_html(invoice))
+
+    def upcoming_view(self, request: HttpRequest, subscription_pk: int) -> HttpResponse:
+        """The subscription's open period as a draft invoice, rendered now (nothing stored)."""
+        subscription = get_object_or_404(
+            Subscription.objects.select_related("plan", "organisation"), pk=subscription_pk
+        )
+        draft = invoice_preview(subscription=subscription, at=timezone.now())
+        return HttpResponse(invoice_render_html(draft))
 
     def pdf_view(self, request: HttpRequest, pk: int) -> HttpResponse:
         """The stored PDF of a finalized invoice (rendered and stored now if the task has not

@@ -36,3 +36,17 @@ def test_staff_read_an_invoice_as_html_and_pdf(admin_client):
         ).status_code
         == 403
     )
+
+
+@pytest.mark.django_db
+def test_staff_preview_the_upcoming_invoice_as_a_draft(admin_client):
+    from django.utils import timezone
+
+    org = make_organisation(name="Stark Industries")
+    subscription = make_subscription(
+        org, make_plan(base_fee=Decimal("7")), timezone.now() - timedelta(days=3)
+    )
+    response = admin_client.get(f"/admin/invoices/invoice/upcoming/{subscription.pk}/")
+    assert response.status_code == 200
+    assert b"DRAFT" in response.content and b"Stark Industries" in response.content
+    assert b"$7.00" in response.content

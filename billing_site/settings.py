@@ -40,6 +40,7 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "django_htmx",
+    "template_partials",
     "django_q",
     "ninja",
     "billing_site",
@@ -47,6 +48,7 @@ INSTALLED_APPS = [
     "usage",
     "plans",
     "invoices",
+    "portal",
 ]
 
 MIDDLEWARE = [
@@ -62,6 +64,13 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "billing_site.urls"
+LOGIN_URL = "portal:login"
+LOGIN_REDIRECT_URL = "portal:dashboard"
+LOGOUT_REDIRECT_URL = "portal:login"
+# Portal logins: after this many failures for one username (or one address) in the window,
+# further attempts are refused until it passes.
+LOGIN_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=5)
+LOGIN_FAILURE_WINDOW = timedelta(minutes=env.int("LOGIN_FAILURE_WINDOW_MINUTES", default=15))
 WSGI_APPLICATION = "billing_site.wsgi.application"
 
 TEMPLATES = [
@@ -112,6 +121,13 @@ if REDIS_URL:
     Q_CLUSTER["redis"] = REDIS_URL
 else:
     Q_CLUSTER["orm"] = "default"
+
+# --- Cache (login throttling, shared by every process when Redis is there) ------------------
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    if REDIS_URL
+    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+}
 
 # --- Email ----------------------------------------------------------------------------------
 vars().update(env.email_url("EMAIL_URL", default="consolemail://"))

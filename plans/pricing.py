@@ -615,3 +615,15 @@ def quote_document(
 ) -> Quote:
     """Parse and price in one call (the CLI and the API)."""
     return quote(parse_price_spec(document), quantity, None if events is None else list(events))
+
+
+def included_units(spec: PriceSpec) -> Decimal | None:
+    """The units a price includes for free, if it has such an allowance: a package price's free
+    units, or a graduated/volume first tier that costs nothing. For "x of y included" bars."""
+    if spec.model == PricingModel.PACKAGE and spec.free_units:
+        return spec.free_units
+    if spec.model in (PricingModel.GRADUATED, PricingModel.VOLUME) and spec.tiers:
+        first = spec.tiers[0]
+        if first.up_to is not None and not first.unit_price and not first.flat_fee:
+            return first.up_to
+    return None

@@ -1,0 +1,302 @@
+"""The customer portal: thin views over the selectors and services of the apps below.
+
+Every page renders whole on a normal request and as its named partial on an HTMX request.
+Every object is looked up within the user's current organisation: anything else is a 404.
+"""
+
+from __future__ import annotations
+
+import csv
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.db.models.fields.json import KeyTransform
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from accounts.models import APIKey
+from accounts.selectors import api_key_list
+from accounts.services import api_key_create, api_key_revoke
+from core.periods import Period
+from invoices.documents import invoice_context, invoice_document_create
+from invoices.models import Invoice
+from invoices.selectors import invoice_get, invoice_list
+from invoices.services import invoice_preview
+from plans.pricing import included_units
+from plans.selectors import (
+    credit_balance,
+    credit_ledger,
+    period_cost,
+    subscription_active,
+    subscription_period,
+)
+from portal.tenancy import current_organisation, organisation_switch, organisations_of
+from usage.models import Meter
+from usage.selectors import event_list, usage_series
+
+# While a period is open its numbers change; HTMX polls this often.
+POLL_SECONDS = 5
+# "Stop polling": htmx stops a trigger that answers 286.
+STOP_POLLING = 286
+EVENTS_PER_PAGE = 25
+
+
+def _page(
+    request: HttpRequest, template: str, partial: str, context: dict[str, Any]
+) -> TemplateResponse:
+    context.setdefault("organisation", current_organisation(request))
+    context.setdefault("organisations", organisations_of(request))
+    if getattr(request, "htmx", False):
+        return TemplateResponse(request, f"{template}#{partial}", context)
+    return TemplateResponse(request, template, context)
+
+
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    organisation = current_organisation(request)
+    now = timezone.now()
+    subscription = subscription_active(organisation=organisation, at=now)
+    context: dict[str, Any] = {"organisation": organisation, "now": now, "poll": POLL_SECONDS}
+    if subscription is not None:
+        period = subscription_period(subscription=subscription, at=now)
+        cost = period_cost(subscription=subscription, period=period, as_of=now)
+        context.update(
+            subscription=subscription,
+            period=period,
+            cost=cost,
+            currency=subscription.plan.currency,
+            days_left=max((period.end - now).days, 0),
+            meters=[{"line": line, "included": included_units(line.spec)} for line in cost.lines],
+            credit=credit_balance(
+                organisation=organisation, currency=subscription.plan.currency, at=now
+            ),
+        )
+    response = _page(request, "portal/dashboard.html", "dashboard-numbers", context)
+    if request.htmx and subscription is None:  # type: ignore[attr-defined]
+        response.status_code = STOP_POLLING  # nothing will change
+    return response
+
+
+def _meter_or_404(code: str) -> Meter:
+    meter = Meter.objects.filter(code=code).first()
+    if meter is None:
+        raise Http404("No such meter.")
+    return meter
+
+
+def _period_from(request: HttpRequest, default: Period) -> Period:
+    """The date range asked for in ?start=YYYY-MM-DD&end=YYYY-MM-DD (end inclusive), else the
+    current period."""
+    try:
+        start = datetime.combine(datetime.fromisoformat(request.GET["start"]).date(), time(0), UTC)
+        end = datetime.combine(
+            datetime.fromisoformat(request.GET["end"]).date(), time(0), UTC
+        ) + timedelta(days=1)
+        return Period(start, end)
+    except (KeyError, ValueError):
+        return default
+
+
+@login_required
+def usage_detail(request: HttpRequest, code: str) -> HttpResponse:
+    organisation = current_organisation(request)
+    meter = _meter_or_404(code)
+    now = timezone.now()
+    subscription = subscription_active(organisation=organisation, at=now)
+    default = (
+        Period(subscription_period(subscription=subscription, at=now).start, now)
+        if subscription is not None
+        else Period(now - timedelta(days=30), now)
+    )
+    period = _period_from(request, default)
+    events = event_list(organisation=organisation, meter=meter, period=period)
+    prop, value = request.GET.get("property", "")[:64], request.GET.get("value", "")
+    if prop:
+        # Compared as JSON, like meter filters: the string "eu" matches "eu", not a number.
+        events = events.alias(_prop=KeyTransform(prop, "properties")).filter(_prop=value)
+    page = Paginator(events, EVENTS_PER_PAGE).get_page(request.GET.get("page"))
+    series = usage_series(organisation=organisation, meter=meter, period=period, granularity="day")
+    context = {
+        "meter": meter,
+        "period": period,
+        "page": page,
+        "series": series,
+        "chart": {
+            "labels": [
+                bucket.start.astimezone(organisation.tzinfo).strftime("%d %b")
+                for bucket, _ in series
+            ],
+            "values": [float(value) for _, value in series],  # display only, never billed
+        },
+        "filters": request.GET.urlencode(),
+        "prop": prop,
+        "value": value,
+    }
+    return _page(request, "portal/usage_detail.html", "events-table", context)
+
+
+@login_required
+def usage_export(request: HttpRequest, code: str) -> StreamingHttpResponse:
+    """The period's daily usage and its events as CSV."""
+    organisation = current_organisation(request)
+    meter = _meter_or_404(code)
+    now = timezone.now()
+    subscription = subscription_active(organisation=organisation, at=now)
+    default = (
+        subscription_period(subscription=subscription, at=now)
+        if subscription is not None
+        else Period(now - timedelta(days=30), now)
+    )
+    period = _period_from(request, default)
+
+    class Echo:
+        def write(self, value: str) -> str:
+            return value
+
+    writer = csv.writer(Echo())
+
+    def rows() -> Any:
+        yield writer.writerow(["timestamp", "quantity", "idempotency_key", "properties"])
+        for event in event_list(organisation=organisation, meter=meter, period=period).iterator():
+            yield writer.writerow(
+                [
+                    event.timestamp.isoformat(),
+                    event.quantity,
+                    event.idempotency_key,
+                    event.properties,
+                ]
+            )
+
+    response = StreamingHttpResponse(rows(), content_type="text/csv")
+    response["Content-Disposition"] = (
+        f'attachment; filename="{organisation.slug}-{meter.code}-{period.start:%Y%m%d}.csv"'
+    )
+    return response
+
+
+@login_required
+def invoices_index(request: HttpRequest) -> HttpResponse:
+    organisation = current_organisation(request)
+    return _page(
+        request,
+        "portal/invoices.html",
+        "invoice-list",
+        {"invoices": invoice_list(organisation=organisation)},
+    )
+
+
+@login_required
+def invoice_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    organisation = current_organisation(request)
+    try:
+        invoice = invoice_get(organisation=organisation, pk=pk)
+    except Invoice.DoesNotExist:
+        raise Http404("No such invoice.") from None
+    return _page(
+        request,
+        "portal/invoice_detail.html",
+        "invoice-body",
+        {"invoice": invoice, "document": invoice_context(invoice)},
+    )
+
+
+@login_required
+def invoice_pdf(request: HttpRequest, pk: int) -> HttpResponse:
+    organisation = current_organisation(request)
+    try:
+        invoice = invoice_get(organisation=organisation, pk=pk)
+    except Invoice.DoesNotExist:
+        raise Http404("No such invoice.") from None
+    document = invoice_document_create(invoice=invoice)
+    response = HttpResponse(bytes(document.pdf), content_type="application/pdf")
+    response["Content-Disposition"] = f'attachment; filename="{invoice.number}.pdf"'
+    return response
+
+
+@login_required
+def invoice_upcoming(request: HttpRequest) -> HttpResponse:
+    organisation = current_organisation(request)
+    subscription = subscription_active(organisation=organisation, at=timezone.now())
+    if subscription is None:
+        raise Http404("No subscription.")
+    draft = invoice_preview(subscription=subscription, at=timezone.now())
+    return _page(
+        request,
+        "portal/invoice_detail.html",
+        "invoice-body",
+        {"invoice": draft, "document": invoice_context(draft), "upcoming": True},
+    )
+
+
+@login_required
+def credits_index(request: HttpRequest) -> HttpResponse:
+    organisation = current_organisation(request)
+    now = timezone.now()
+    return _page(
+        request,
+        "portal/credits.html",
+        "credit-ledger",
+        {
+            "balance": credit_balance(
+                organisation=organisation, currency=organisation.currency, at=now
+            ),
+            "ledger": credit_ledger(organisation=organisation)[:200],
+        },
+    )
+
+
+@login_required
+def api_keys_index(request: HttpRequest) -> HttpResponse:
+    organisation = current_organisation(request)
+    return _page(
+        request,
+        "portal/api_keys.html",
+        "api-key-list",
+        {"api_keys": api_key_list(organisation=organisation)},
+    )
+
+
+@require_POST
+@login_required
+def api_key_new(request: HttpRequest) -> HttpResponse:
+    organisation = current_organisation(request)
+    name = (request.POST.get("name") or "").strip()[:100] or "portal key"
+    issued = api_key_create(organisation=organisation, name=name, created_by=request.user)  # type: ignore[arg-type]
+    return _page(
+        request,
+        "portal/api_keys.html",
+        "api-key-list",
+        {"api_keys": api_key_list(organisation=organisation), "new_secret": issued.secret},
+    )
+
+
+@require_POST
+@login_required
+def api_key_revoke_view(request: HttpRequest, pk: int) -> HttpResponse:
+    organisation = current_organisation(request)
+    api_key = APIKey.objects.filter(organisation=organisation, pk=pk).first()
+    if api_key is None:
+        raise Http404("No such key.")
+    api_key_revoke(api_key=api_key)
+    return _page(
+        request,
+        "portal/api_keys.html",
+        "api-key-list",
+        {"api_keys": api_key_list(organisation=organisation)},
+    )
+
+
+@require_POST
+@login_required
+def switch_organisation(request: HttpRequest) -> HttpResponse:
+    try:
+        organisation_id = int(request.POST.get("organisation", ""))
+    except ValueError:
+        raise Http404("No such organisation.") from None
+    organisation_switch(request, organisation_id)
+    return redirect("portal:dashboard")

@@ -4,6 +4,7 @@ session. Objects of any other organisation answer 404, never 403."""
 from __future__ import annotations
 
 from django.http import Http404, HttpRequest
+from django.utils import timezone
 
 from accounts.models import Membership, Organisation
 
@@ -38,6 +39,8 @@ def current_organisation(request: HttpRequest) -> Organisation:
     if membership is None:
         raise Http404("You are not a member of any organisation.")
     request.session[SESSION_KEY] = membership.organisation_id
+    # Dates on the portal's pages are the organisation's local dates.
+    timezone.activate(membership.organisation.tzinfo)
     return membership.organisation
 
 

@@ -226,3 +226,15 @@ def test_login_with_the_right_password(client, world):
         reverse("portal:login"), {"username": "globex-user", "password": "pw-123456"}
     )
     assert response.status_code == 302 and response["Location"] == reverse("portal:dashboard")
+
+
+def test_dates_are_shown_in_the_organisations_time_zone(client, world):
+    org = world["acme"]["org"]
+    org.timezone = "Pacific/Kiritimati"  # UTC+14: the local date differs from UTC's
+    org.save()
+    login(client, world["acme"])
+    response = client.get(reverse("portal:dashboard"))
+    period_end = response.context["period"].end
+    local = period_end.astimezone(org.tzinfo)
+    assert local.hour != period_end.hour
+    assert f"(ends at {local:%H:%M}" in response.content.decode()

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test check system-deps migrate seed bench-ingest clean
+.PHONY: run test check system-deps migrate seed bench-ingest vendor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ check: $(VENV)/.dev
 
 bench-ingest: $(VENV)/.dev
 	$(BIN)/python bench/ingest.py
+
+# Re-vendor Chart.js and Pico from npm into static/vendor (pinned, checked; the files are committed).
+vendor:
+	./scripts/vendor_static.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

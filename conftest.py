@@ -48,3 +48,20 @@ def _fresh_meter_cache():
     yield
     meter_cache_clear()
     api_key_cache_clear()
+
+
+@pytest.fixture
+def browser_page():
+    """A page of Debian's headless Chromium (see billing_site/tests/browser.py)."""
+    from billing_site.tests.browser import chromium_page
+
+    with chromium_page() as page:
+        yield page
+
+
+@pytest.fixture
+def screenshot():
+    """save(page, name): a full-page PNG in artifacts/screenshots/."""
+    from billing_site.tests.browser import save_screenshot
+
+    return save_screenshot

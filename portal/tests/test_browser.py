@@ -12,7 +12,6 @@ from django.utils import timezone
 from accounts.models import APIKey, Membership
 from accounts.services import api_key_create, membership_add
 from accounts.tests.factories import make_organisation
-from billing_site.tests.browser import chromium_page, save_screenshot
 from core.periods import Period
 from invoices.services import period_close
 from plans.tests.factories import make_plan, make_subscription
@@ -74,47 +73,47 @@ def api_usage(customer):
     return json.loads(response.content)["value"]
 
 
-def test_the_portal_in_a_browser(live_server, customer, tmp_path):
-    with chromium_page() as page:
-        page.goto(live_server.url + "/portal/")
-        page.fill("input[name=username]", "ada")
-        page.fill("input[name=password]", "portal-pass-1")
-        page.click("button[type=submit]")
-        page.wait_for_selector("#dashboard-numbers")
+def test_the_portal_in_a_browser(live_server, customer, tmp_path, browser_page, screenshot):
+    page = browser_page
+    page.goto(live_server.url + "/portal/")
+    page.fill("input[name=username]", "ada")
+    page.fill("input[name=password]", "portal-pass-1")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#dashboard-numbers")
 
-        # The dashboard's usage is the API's.
-        usage = page.inner_text("#meter-calls .usage")
-        assert usage.split()[0] == api_usage(customer) == "40"
-        assert page.inner_text("#total-so-far") == "$20.00"
-        save_screenshot(page, "portal-dashboard")
+    # The dashboard's usage is the API's.
+    usage = page.inner_text("#meter-calls .usage")
+    assert usage.split()[0] == api_usage(customer) == "40"
+    assert page.inner_text("#total-so-far") == "$20.00"
+    screenshot(page, "portal-dashboard")
 
-        # The usage page draws its chart and pages through events with HTMX.
-        page.click("#meter-calls a")
-        page.wait_for_selector("canvas#usage-chart[data-drawn=true]")
-        assert page.locator("#events-table tbody tr").count() == 25
-        page.click("#events-more")
-        page.wait_for_function("document.querySelectorAll('#events-table tbody tr').length === 15")
-        assert "page 2" not in page.inner_text("#events-table")
+    # The usage page draws its chart and pages through events with HTMX.
+    page.click("#meter-calls a")
+    page.wait_for_selector("canvas#usage-chart[data-drawn=true]")
+    assert page.locator("#events-table tbody tr").count() == 25
+    page.click("#events-more")
+    page.wait_for_function("document.querySelectorAll('#events-table tbody tr').length === 15")
+    assert "page 2" not in page.inner_text("#events-table")
 
-        # API keys: created and shown once, then revoked.
-        page.goto(live_server.url + "/portal/api-keys/")
-        page.fill("input[name=name]", "from the browser")
-        page.click("#api-key-create")
-        page.wait_for_selector("#new-secret")
-        assert page.inner_text("#new-secret").startswith("ml_")
-        key = APIKey.objects.get(name="from the browser")
-        page.on("dialog", lambda dialog: dialog.accept())
-        page.click(f"#api-key-{key.pk} button.revoke")
-        page.wait_for_selector(f"#api-key-{key.pk} >> text=revoked")
-        key.refresh_from_db()
-        assert key.revoked_at is not None
+    # API keys: created and shown once, then revoked.
+    page.goto(live_server.url + "/portal/api-keys/")
+    page.fill("input[name=name]", "from the browser")
+    page.click("#api-key-create")
+    page.wait_for_selector("#new-secret")
+    assert page.inner_text("#new-secret").startswith("ml_")
+    key = APIKey.objects.get(name="from the browser")
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.click(f"#api-key-{key.pk} button.revoke")
+    page.wait_for_selector(f"#api-key-{key.pk} >> text=revoked")
+    key.refresh_from_db()
+    assert key.revoked_at is not None
 
-        # The invoice page, and its PDF downloaded.
-        page.goto(live_server.url + f"/portal/invoices/{customer['invoice'].pk}/")
-        assert customer["invoice"].number in page.inner_text("#invoice-body")
-        save_screenshot(page, "portal-invoice")
-        with page.expect_download() as download:
-            page.click("#invoice-pdf")
-        target = tmp_path / "invoice.pdf"
-        download.value.save_as(target)
-        assert target.read_bytes().startswith(b"%PDF")
+    # The invoice page, and its PDF downloaded.
+    page.goto(live_server.url + f"/portal/invoices/{customer['invoice'].pk}/")
+    assert customer["invoice"].number in page.inner_text("#invoice-body")
+    screenshot(page, "portal-invoice")
+    with page.expect_download() as download:
+        page.click("#invoice-pdf")
+    target = tmp_path / "invoice.pdf"
+    download.value.save_as(target)
+    assert target.read_bytes().startswith(b"%PDF")

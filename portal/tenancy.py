@@ -38,7 +38,9 @@ def current_organisation(request: HttpRequest) -> Organisation:
     ) or memberships.order_by("organisation__name").first()
     if membership is None:
         raise Http404("You are not a member of any organisation.")
-    request.session[SESSION_KEY] = membership.organisation_id
+    if chosen != membership.organisation_id:
+        # Written only when it changes: a polled page must not rewrite the session each time.
+        request.session[SESSION_KEY] = membership.organisation_id
     # Dates on the portal's pages are the organisation's local dates.
     timezone.activate(membership.organisation.tzinfo)
     return membership.organisation

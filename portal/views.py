@@ -19,7 +19,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from accounts.models import APIKey
+from accounts.models import APIKey, Organisation
 from accounts.selectors import api_key_list
 from accounts.services import api_key_create, api_key_revoke
 from core.periods import Period
@@ -47,10 +47,13 @@ EVENTS_PER_PAGE = 25
 
 
 def _page(
-    request: HttpRequest, template: str, partial: str, context: dict[str, Any]
+    request: HttpRequest,
+    organisation: Organisation,
+    template: str,
+    partial: str,
+    context: dict[str, Any],
 ) -> TemplateResponse:
-    context.setdefault("organisation", current_organisation(request))
-    context.setdefault("organisations", organisations_of(request))
+    context = {**context, "organisation": organisation, "organisations": organisations_of(request)}
     if getattr(request, "htmx", False):
         return TemplateResponse(request, f"{template}#{partial}", context)
     return TemplateResponse(request, template, context)
@@ -61,7 +64,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     organisation = current_organisation(request)
     now = timezone.now()
     subscription = subscription_active(organisation=organisation, at=now)
-    context: dict[str, Any] = {"organisation": organisation, "now": now, "poll": POLL_SECONDS}
+    context: dict[str, Any] = {"now": now, "poll": POLL_SECONDS}
     if subscription is not None:
         period = subscription_period(subscription=subscription, at=now)
         cost = period_cost(subscription=subscription, period=period, as_of=now)
@@ -76,7 +79,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
                 organisation=organisation, currency=subscription.plan.currency, at=now
             ),
         )
-    response = _page(request, "portal/dashboard.html", "dashboard-numbers", context)
+    response = _page(request, organisation, "portal/dashboard.html", "dashboard-numbers", context)
     if request.htmx and subscription is None:  # type: ignore[attr-defined]
         response.status_code = STOP_POLLING  # nothing will change
     return response
@@ -102,18 +105,26 @@ def _period_from(request: HttpRequest, default: Period) -> Period:
         return default
 
 
+def _requested_period(
+    request: HttpRequest, organisation: Organisation, *, until_now: bool = False
+) -> Period:
+    """The range asked for, else the current billing period (to now with `until_now`), else the
+    last 30 days for an organisation without a subscription."""
+    now = timezone.now()
+    subscription = subscription_active(organisation=organisation, at=now)
+    if subscription is None:
+        default = Period(now - timedelta(days=30), now)
+    else:
+        current = subscription_period(subscription=subscription, at=now)
+        default = Period(current.start, now) if until_now else current
+    return _period_from(request, default)
+
+
 @login_required
 def usage_detail(request: HttpRequest, code: str) -> HttpResponse:
     organisation = current_organisation(request)
     meter = _meter_or_404(code)
-    now = timezone.now()
-    subscription = subscription_active(organisation=organisation, at=now)
-    default = (
-        Period(subscription_period(subscription=subscription, at=now).start, now)
-        if subscription is not None
-        else Period(now - timedelta(days=30), now)
-    )
-    period = _period_from(request, default)
+    period = _requested_period(request, organisation, until_now=True)
     events = event_list(organisation=organisation, meter=meter, period=period)
     prop, value = request.GET.get("property", "")[:64], request.GET.get("value", "")
     if prop:
@@ -137,22 +148,15 @@ def usage_detail(request: HttpRequest, code: str) -> HttpResponse:
         "prop": prop,
         "value": value,
     }
-    return _page(request, "portal/usage_detail.html", "events-table", context)
+    return _page(request, organisation, "portal/usage_detail.html", "events-table", context)
 
 
 @login_required
 def usage_export(request: HttpRequest, code: str) -> StreamingHttpResponse:
-    """The period's daily usage and its events as CSV."""
+    """The period's events as CSV, streamed."""
     organisation = current_organisation(request)
     meter = _meter_or_404(code)
-    now = timezone.now()
-    subscription = subscription_active(organisation=organisation, at=now)
-    default = (
-        subscription_period(subscription=subscription, at=now)
-        if subscription is not None
-        else Period(now - timedelta(days=30), now)
-    )
-    period = _period_from(request, default)
+    period = _requested_period(request, organisation)
 
     class Echo:
         def write(self, value: str) -> str:
@@ -184,21 +188,26 @@ def invoices_index(request: HttpRequest) -> HttpResponse:
     organisation = current_organisation(request)
     return _page(
         request,
+        organisation,
         "portal/invoices.html",
         "invoice-list",
         {"invoices": invoice_list(organisation=organisation)},
     )
 
 
-@login_required
-def invoice_detail(request: HttpRequest, pk: int) -> HttpResponse:
-    organisation = current_organisation(request)
+def _invoice_or_404(request: HttpRequest, pk: int) -> Invoice:
     try:
-        invoice = invoice_get(organisation=organisation, pk=pk)
+        return invoice_get(organisation=current_organisation(request), pk=pk)
     except Invoice.DoesNotExist:
         raise Http404("No such invoice.") from None
+
+
+@login_required
+def invoice_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    invoice = _invoice_or_404(request, pk)
     return _page(
         request,
+        invoice.organisation,
         "portal/invoice_detail.html",
         "invoice-body",
         {"invoice": invoice, "document": invoice_context(invoice)},
@@ -207,11 +216,7 @@ def invoice_detail(request: HttpRequest, pk: int) -> HttpResponse:
 
 @login_required
 def invoice_pdf(request: HttpRequest, pk: int) -> HttpResponse:
-    organisation = current_organisation(request)
-    try:
-        invoice = invoice_get(organisation=organisation, pk=pk)
-    except Invoice.DoesNotExist:
-        raise Http404("No such invoice.") from None
+    invoice = _invoice_or_404(request, pk)
     document = invoice_document_create(invoice=invoice)
     response = HttpResponse(bytes(document.pdf), content_type="application/pdf")
     response["Content-Disposition"] = f'attachment; filename="{invoice.number}.pdf"'
@@ -221,12 +226,14 @@ def invoice_pdf(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 def invoice_upcoming(request: HttpRequest) -> HttpResponse:
     organisation = current_organisation(request)
-    subscription = subscription_active(organisation=organisation, at=timezone.now())
+    now = timezone.now()
+    subscription = subscription_active(organisation=organisation, at=now)
     if subscription is None:
         raise Http404("No subscription.")
-    draft = invoice_preview(subscription=subscription, at=timezone.now())
+    draft = invoice_preview(subscription=subscription, at=now)
     return _page(
         request,
+        organisation,
         "portal/invoice_detail.html",
         "invoice-body",
         {"invoice": draft, "document": invoice_context(draft), "upcoming": True},
@@ -239,6 +246,7 @@ def credits_index(request: HttpRequest) -> HttpResponse:
     now = timezone.now()
     return _page(
         request,
+        organisation,
         "portal/credits.html",
         "credit-ledger",
         {
@@ -250,15 +258,16 @@ def credits_index(request: HttpRequest) -> HttpResponse:
     )
 
 
+def _api_keys_page(
+    request: HttpRequest, organisation: Organisation, **extra: Any
+) -> TemplateResponse:
+    context = {"api_keys": api_key_list(organisation=organisation), **extra}
+    return _page(request, organisation, "portal/api_keys.html", "api-key-list", context)
+
+
 @login_required
 def api_keys_index(request: HttpRequest) -> HttpResponse:
-    organisation = current_organisation(request)
-    return _page(
-        request,
-        "portal/api_keys.html",
-        "api-key-list",
-        {"api_keys": api_key_list(organisation=organisation)},
-    )
+    return _api_keys_page(request, current_organisation(request))
 
 
 @require_POST
@@ -267,12 +276,7 @@ def api_key_new(request: HttpRequest) -> HttpResponse:
     organisation = current_organisation(request)
     name = (request.POST.get("name") or "").strip()[:100] or "portal key"
     issued = api_key_create(organisation=organisation, name=name, created_by=request.user)  # type: ignore[arg-type]
-    return _page(
-        request,
-        "portal/api_keys.html",
-        "api-key-list",
-        {"api_keys": api_key_list(organisation=organisation), "new_secret": issued.secret},
-    )
+    return _api_keys_page(request, organisation, new_secret=issued.secret)
 
 
 @require_POST
@@ -283,12 +287,7 @@ def api_key_revoke_view(request: HttpRequest, pk: int) -> HttpResponse:
     if api_key is None:
         raise Http404("No such key.")
     api_key_revoke(api_key=api_key)
-    return _page(
-        request,
-        "portal/api_keys.html",
-        "api-key-list",
-        {"api_keys": api_key_list(organisation=organisation)},
-    )
+    return _api_keys_page(request, organisation)
 
 
 @require_POST

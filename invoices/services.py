@@ -15,7 +15,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max, Min, Sum
+from django.db.models import Max, Min, Q, Sum
 from django.utils import timezone
 from django_q.tasks import async_task
 
@@ -213,17 +213,16 @@ def _late_adjustments(
                 meter=line.meter,
                 usage_start=old.period_start,
                 kind__in=_USAGE_KINDS,
-            ).aggregate(amount=Sum("amount_exact"), quantity=Sum("quantity"))
+            ).aggregate(
+                amount=Sum("amount_exact"),
+                # A true-up bills money, not units.
+                quantity=Sum("quantity", filter=~Q(kind=InvoiceLine.Kind.TRUE_UP)),
+            )
             billed_amount = billed["amount"] or Decimal(0)
+            billed_quantity = billed["quantity"] or Decimal(0)
             difference = exact_sum([line.cost.amount, -billed_amount])
             if not difference:
                 continue
-            billed_quantity = InvoiceLine.objects.filter(
-                invoice__subscription=subscription,
-                meter=line.meter,
-                usage_start=old.period_start,
-                kind__in=(InvoiceLine.Kind.USAGE, InvoiceLine.Kind.ADJUSTMENT),
-            ).aggregate(quantity=Sum("quantity"))["quantity"] or Decimal(0)
             yield {
                 "kind": InvoiceLine.Kind.ADJUSTMENT,
                 "description": f"{line.price.label}: late usage for "
@@ -375,8 +374,10 @@ def periods_close(
     organisation: Organisation | None = None,
     progress: Callable[[int], object] | None = None,
     batch_size: int = 500,
+    due: list[tuple[Subscription, Period]] | None = None,
 ) -> CloseSummary:
-    """Close every due period (see `periods_due`) in batches of subscriptions sharing a period.
+    """Close every due period (see `periods_due`; `due` if the caller has already listed them)
+    in batches of subscriptions sharing a period.
 
     Each batch is one transaction that reads usage for all its customers in one query per
     meter and writes in bulk; what it bills is what `period_close` bills one by one. Periods
@@ -384,7 +385,9 @@ def periods_close(
     """
     summary = CloseSummary()
     by_period: dict[Period, list[Subscription]] = {}
-    for subscription, period in periods_due(as_of=as_of, organisation=organisation):
+    if due is None:
+        due = periods_due(as_of=as_of, organisation=organisation)
+    for subscription, period in due:
         by_period.setdefault(period, []).append(subscription)
     for period, subscriptions in sorted(by_period.items(), key=lambda item: item[0].start):
         for offset in range(0, len(subscriptions), batch_size):

@@ -57,13 +57,14 @@ class Command(BaseCommand):
             self.stdout.write(f"{len(due)} period(s) due as of {as_of.isoformat()}; dry run.")
             return
 
-        due_count = len(periods_due(as_of=as_of, organisation=organisation))
-        with tqdm(total=due_count, desc="close", disable=not self.stderr.isatty()) as bar:
+        due = periods_due(as_of=as_of, organisation=organisation)
+        with tqdm(total=len(due), desc="close", disable=not self.stderr.isatty()) as bar:
             summary = periods_close(
                 as_of=as_of,
                 organisation=organisation,
                 progress=bar.update,
                 batch_size=options["batch_size"],
+                due=due,
             )
         totals = ", ".join(f"{amount} {cur}" for cur, amount in sorted(summary.total_minor.items()))
         self.stdout.write(

@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -352,3 +353,87 @@ def wait_for_quiet(max_seconds: float, threshold: float = 0.25) -> tuple[bool, f
             return True, time.monotonic() - start
         if time.monotonic() - start >= max_seconds:
             return False, time.monotonic() - start
+
+
+@dataclass
+class LoadTimes:
+    inserted: int
+    insert_seconds: float
+    indexes: int
+    rebuild_seconds: float
+
+
+def bulk_load_events(
+    conn: psycopg.Connection[Any],
+    plan: list[tuple[int, int, str, int]],
+    *,
+    timestamp_sql: str,
+    params: dict[str, Any],
+    seed: float,
+) -> LoadTimes:
+    """Insert synthetic usage events fast, the way ingestion would store them (in time order).
+
+    `plan` rows are (organisation id, meter id, meter code, count) for the meters api_calls,
+    ai_tokens and storage_gb; `timestamp_sql` is the SQL expression that draws each event's
+    timestamp (it may use random() and `params`). The table's unique constraints and secondary
+    indexes are dropped during the insert and rebuilt after, and foreign key triggers skipped
+    (session_replication_role = replica; the ids are known to exist). Columns not named here
+    (`delayed`) take their database defaults. `conn` must be in autocommit mode.
+    """
+    conn.execute("SET maintenance_work_mem = '512MB'")
+    conn.execute("SET session_replication_role = replica")
+    conn.execute("CREATE TEMP TABLE bench_plan (org bigint, meter bigint, code text, n int)")
+    with conn.cursor() as cursor, cursor.copy("COPY bench_plan FROM STDIN") as copy:
+        for row in plan:
+            copy.write_row(row)
+    indexes = conn.execute(
+        """
+        SELECT c.conname, pg_get_constraintdef(c.oid), NULL FROM pg_constraint c
+         WHERE c.conrelid = 'usage_usageevent'::regclass AND c.contype = 'u'
+        UNION ALL
+        SELECT i.indexrelid::regclass::text, NULL, pg_get_indexdef(i.indexrelid)
+          FROM pg_index i
+         WHERE i.indrelid = 'usage_usageevent'::regclass AND NOT i.indisprimary
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
+        """
+    ).fetchall()
+    for name, constraint, _ in indexes:
+        if constraint:
+            conn.execute(f'ALTER TABLE usage_usageevent DROP CONSTRAINT "{name}"')
+        else:
+            conn.execute(f"DROP INDEX {name}")
+    conn.execute("SELECT setseed(%s)", [seed])
+    began = time.perf_counter()
+    # Quantities and properties as the API stores them: count events carry 1; sums and levels
+    # carry the property's value (ai_tokens: integer tokens, storage_gb: 3 places).
+    statement = """
+        INSERT INTO usage_usageevent (organisation_id, meter_id, quantity, properties,
+                                      "timestamp", received_at, idempotency_key, source)
+        SELECT org, meter, q,
+               CASE code
+                 WHEN 'api_calls' THEN jsonb_build_object('endpoint', endpoint)
+                 WHEN 'ai_tokens' THEN jsonb_build_object('tokens', q, 'model', 'medium')
+                 ELSE jsonb_build_object('gb', q)
+               END,
+               ts, ts, code || '-' || i, 'import'
+          FROM (SELECT p.org, p.meter, p.code, g.i, TIMESTAMP_SQL AS ts,
+                       CASE p.code
+                         WHEN 'api_calls' THEN 1::numeric
+                         WHEN 'ai_tokens' THEN (1 + floor(random() * 4000))::numeric
+                         ELSE round((random() * 500)::numeric, 3)
+                       END AS q,
+                       (ARRAY['/v1/search', '/v1/items', '/v1/export'])[
+                         1 + floor(random() * 3)::int] AS endpoint
+                  FROM bench_plan p, generate_series(1, p.n) AS g(i)) s
+         ORDER BY ts
+    """.replace("TIMESTAMP_SQL", timestamp_sql)
+    inserted = conn.execute(statement, params).rowcount  # type: ignore[arg-type]
+    insert_seconds = time.perf_counter() - began
+    began = time.perf_counter()
+    for name, constraint, definition in indexes:
+        if constraint:
+            conn.execute(f'ALTER TABLE usage_usageevent ADD CONSTRAINT "{name}" {constraint}')
+        else:
+            conn.execute(definition)
+    conn.execute("SET session_replication_role = DEFAULT")
+    return LoadTimes(inserted, insert_seconds, len(indexes), time.perf_counter() - began)

@@ -61,6 +61,7 @@ import psycopg
 from _common import (
     REPO,
     app_environment,
+    bulk_load_events,
     cpu_delta,
     cpu_snapshot,
     database_drop,
@@ -220,9 +221,7 @@ def load(db: str, organisations: int, events: int, seed: int) -> Workload:
 
 
 def load_events(db: str, workload: Workload, counts: list[int], seed: int) -> int:
-    """One INSERT ... SELECT over generate_series, in time order (as ingestion would store them),
-    with the table's secondary indexes dropped during the insert and rebuilt after, and foreign
-    key triggers skipped (session_replication_role = replica; the ids are known to exist)."""
+    """October's events for every organisation, by `bulk_load_events` (see _common)."""
     rows = []
     for org, total in zip(workload.organisation_ids, counts, strict=True):
         tokens = max(1, round(total * METER_SHARES["ai_tokens"]))
@@ -233,78 +232,20 @@ def load_events(db: str, workload: Workload, counts: list[int], seed: int) -> in
             (org, workload.meter_ids["ai_tokens"], "ai_tokens", tokens),
             (org, workload.meter_ids["storage_gb"], "storage_gb", storage),
         ]
-    began = time.perf_counter()
     with psycopg.connect(database_url(db), autocommit=True, connect_timeout=10) as conn:
-        conn.execute("SET maintenance_work_mem = '512MB'")
-        conn.execute("SET session_replication_role = replica")
-        conn.execute("CREATE TEMP TABLE bench_plan (org bigint, meter bigint, code text, n int)")
-        with conn.cursor() as cursor, cursor.copy("COPY bench_plan FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-        indexes = conn.execute(
-            """
-            SELECT c.conname, pg_get_constraintdef(c.oid), NULL FROM pg_constraint c
-             WHERE c.conrelid = 'usage_usageevent'::regclass AND c.contype = 'u'
-            UNION ALL
-            SELECT i.indexrelid::regclass::text, NULL, pg_get_indexdef(i.indexrelid)
-              FROM pg_index i
-             WHERE i.indrelid = 'usage_usageevent'::regclass AND NOT i.indisprimary
-               AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
-            """
-        ).fetchall()
-        for name, constraint, _ in indexes:
-            if constraint:
-                conn.execute(f'ALTER TABLE usage_usageevent DROP CONSTRAINT "{name}"')
-            else:
-                conn.execute(f"DROP INDEX {name}")
-        conn.execute("SELECT setseed(%s)", [(seed % 1000) / 1000])
-        # Columns added since (e.g. `delayed`, false for events received on time) get their value
-        # here; the rest of the statement does not change.
-        has_delayed = conn.execute(
-            "SELECT 1 FROM information_schema.columns "
-            "WHERE table_name = 'usage_usageevent' AND column_name = 'delayed'"
-        ).fetchone()
-        # Quantities and properties as the API stores them: count events carry 1; sums and
-        # levels carry the property's value (ai_tokens: integer tokens, storage_gb: 3 places).
-        inserted = conn.execute(
-            """
-            INSERT INTO usage_usageevent (organisation_id, meter_id, quantity, properties,
-                                          "timestamp", received_at, idempotency_key, source
-                                          DELAYED_COLUMN)
-            SELECT org, meter, q,
-                   CASE code
-                     WHEN 'api_calls' THEN jsonb_build_object('endpoint', endpoint)
-                     WHEN 'ai_tokens' THEN jsonb_build_object('tokens', q, 'model', 'medium')
-                     ELSE jsonb_build_object('gb', q)
-                   END,
-                   ts, ts, code || '-' || i, 'import' DELAYED_VALUE
-              FROM (SELECT p.org, p.meter, p.code, g.i,
-                           timestamptz '2026-10-01 00:00:00+00'
-                             + make_interval(secs => floor(random() * 2678400e6) / 1e6) AS ts,
-                           CASE p.code
-                             WHEN 'api_calls' THEN 1::numeric
-                             WHEN 'ai_tokens' THEN (1 + floor(random() * 4000))::numeric
-                             ELSE round((random() * 500)::numeric, 3)
-                           END AS q,
-                           (ARRAY['/v1/search', '/v1/items', '/v1/export'])[
-                             1 + floor(random() * 3)::int] AS endpoint
-                      FROM bench_plan p, generate_series(1, p.n) AS g(i)) s
-             ORDER BY ts
-            """.replace("DELAYED_COLUMN", ", delayed" if has_delayed else "").replace(
-                "DELAYED_VALUE", ", false" if has_delayed else ""
-            )
-        ).rowcount
-        say(f"  {inserted:,} events inserted: {seconds_since(began):.1f} s")
-        rebuilt = time.perf_counter()
-        for name, constraint, definition in indexes:
-            if constraint:
-                conn.execute(f'ALTER TABLE usage_usageevent ADD CONSTRAINT "{name}" {constraint}')
-            else:
-                conn.execute(definition)
-        conn.execute("SET session_replication_role = DEFAULT")
+        loaded = bulk_load_events(
+            conn,
+            rows,
+            timestamp_sql="timestamptz '2026-10-01 00:00:00+00'"
+            " + make_interval(secs => floor(random() * 2678400e6) / 1e6)",
+            params={},
+            seed=(seed % 1000) / 1000,
+        )
+        inserted = loaded.inserted
+        say(f"  {inserted:,} events inserted: {loaded.insert_seconds:.1f} s")
         say(
-            f"  {len(indexes)} indexes and unique constraints rebuilt: "
-            f"{seconds_since(rebuilt):.1f} s"
+            f"  {loaded.indexes} indexes and unique constraints rebuilt: "
+            f"{loaded.rebuild_seconds:.1f} s"
         )
         if COVERING_INDEX:
             built = time.perf_counter()

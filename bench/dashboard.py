@@ -36,6 +36,7 @@ import psycopg
 from _common import (
     REPO,
     app_environment,
+    bulk_load_events,
     database_drop,
     database_recreate,
     database_url,
@@ -130,72 +131,22 @@ def setup(anchor: datetime) -> tuple[Any, int, dict[str, int]]:
 def load_events(
     db: str, *, org: int, meters: dict[str, int], events: int, start: datetime, end: datetime
 ) -> int:
-    """One INSERT ... SELECT over generate_series in time order, secondary indexes dropped during
-    the insert and rebuilt after, foreign key triggers skipped (the ids exist)."""
+    """One organisation's events for the period so far, by `bulk_load_events` (see _common)."""
     plan = []
     for code, share in METER_SHARES.items():
         plan.append((org, meters[code], code, max(1, round(events * share))))
     with psycopg.connect(database_url(db), autocommit=True, connect_timeout=10) as conn:
-        conn.execute("SET maintenance_work_mem = '512MB'")
-        conn.execute("SET session_replication_role = replica")
-        conn.execute("CREATE TEMP TABLE bench_plan (org bigint, meter bigint, code text, n int)")
-        with conn.cursor() as cursor, cursor.copy("COPY bench_plan FROM STDIN") as copy:
-            for row in plan:
-                copy.write_row(row)
-        indexes = conn.execute(
-            """
-            SELECT c.conname, pg_get_constraintdef(c.oid), NULL FROM pg_constraint c
-             WHERE c.conrelid = 'usage_usageevent'::regclass AND c.contype = 'u'
-            UNION ALL
-            SELECT i.indexrelid::regclass::text, NULL, pg_get_indexdef(i.indexrelid)
-              FROM pg_index i
-             WHERE i.indrelid = 'usage_usageevent'::regclass AND NOT i.indisprimary
-               AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
-            """
-        ).fetchall()
-        for name, constraint, _ in indexes:
-            if constraint:
-                conn.execute(f'ALTER TABLE usage_usageevent DROP CONSTRAINT "{name}"')
-            else:
-                conn.execute(f"DROP INDEX {name}")
-        conn.execute("SELECT setseed(0.42)")
-        began = time.perf_counter()
-        inserted = conn.execute(
-            """
-            INSERT INTO usage_usageevent (organisation_id, meter_id, quantity, properties,
-                                          "timestamp", received_at, idempotency_key, source,
-                                          delayed)
-            SELECT org, meter, q,
-                   CASE code
-                     WHEN 'api_calls' THEN jsonb_build_object('endpoint', endpoint)
-                     WHEN 'ai_tokens' THEN jsonb_build_object('tokens', q, 'model', 'medium')
-                     ELSE jsonb_build_object('gb', q)
-                   END,
-                   ts, ts, code || '-' || i, 'import', false
-              FROM (SELECT p.org, p.meter, p.code, g.i,
-                           %(start)s::timestamptz + random() * (%(end)s::timestamptz
-                                                                - %(start)s::timestamptz) AS ts,
-                           CASE p.code
-                             WHEN 'api_calls' THEN 1::numeric
-                             WHEN 'ai_tokens' THEN (1 + floor(random() * 4000))::numeric
-                             ELSE round((random() * 500)::numeric, 3)
-                           END AS q,
-                           (ARRAY['/v1/search', '/v1/items', '/v1/export'])[
-                             1 + floor(random() * 3)::int] AS endpoint
-                      FROM bench_plan p, generate_series(1, p.n) AS g(i)) s
-             ORDER BY ts
-            """,
-            {"start": start, "end": end},
-        ).rowcount
-        say(f"  {inserted:,} events inserted: {time.perf_counter() - began:.1f} s")
-        began = time.perf_counter()
-        for name, constraint, definition in indexes:
-            if constraint:
-                conn.execute(f'ALTER TABLE usage_usageevent ADD CONSTRAINT "{name}" {constraint}')
-            else:
-                conn.execute(definition)
-        conn.execute("SET session_replication_role = DEFAULT")
-        say(f"  {len(indexes)} indexes rebuilt: {time.perf_counter() - began:.1f} s")
+        loaded = bulk_load_events(
+            conn,
+            plan,
+            timestamp_sql="%(start)s::timestamptz"
+            " + random() * (%(end)s::timestamptz - %(start)s::timestamptz)",
+            params={"start": start, "end": end},
+            seed=0.42,
+        )
+        inserted = loaded.inserted
+        say(f"  {inserted:,} events inserted: {loaded.insert_seconds:.1f} s")
+        say(f"  {loaded.indexes} indexes rebuilt: {loaded.rebuild_seconds:.1f} s")
         began = time.perf_counter()
         conn.execute("VACUUM ANALYZE")
         say(f"  VACUUM ANALYZE: {time.perf_counter() - began:.1f} s")

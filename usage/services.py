@@ -23,6 +23,7 @@ from accounts.models import Organisation
 from usage.aggregation import EventValueError, MeterSpec, SpecError
 from usage.models import Meter, UsageEvent
 from usage.selectors import meter_cache_clear, meters_by_code
+from usage.signals import StoredEvent, events_stored
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_PROPERTIES_BYTES = 16 * 1024
@@ -122,7 +123,23 @@ def events_ingest(
 
     # Inserted in key order: two requests with overlapping keys then take the unique index's
     # locks in the same order and wait for each other instead of deadlocking.
-    stored = _insert(organisation, sorted(to_store.values(), key=lambda v: v.key), now, source)
+    ordered = sorted(to_store.values(), key=lambda v: v.key)
+    if events_stored.has_listeners(UsageEvent):
+        # Receivers write in the storing transaction (an outbox row commits with its event).
+        with transaction.atomic():
+            stored = _insert(organisation, ordered, now, source)
+            if stored:
+                events_stored.send(
+                    sender=UsageEvent,
+                    organisation=organisation,
+                    events=[
+                        StoredEvent(stored[v.key], v.meter, v.timestamp, v.quantity, v.key)
+                        for v in ordered
+                        if v.key in stored
+                    ],
+                )
+    else:
+        stored = _insert(organisation, ordered, now, source)
     already = set(to_store) - stored.keys()
     existing = (
         dict(

@@ -65,3 +65,13 @@ def screenshot():
     from billing_site.tests.browser import save_screenshot
 
     return save_screenshot
+
+
+@pytest.fixture
+def smtp_inbox(settings):
+    """A real SMTP server on loopback; Django's email goes to it. `.messages` are what arrived."""
+    from core.tests.smtp import smtp_server, use_smtp
+
+    with smtp_server() as inbox:
+        use_smtp(settings, inbox.port)
+        yield inbox

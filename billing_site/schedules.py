@@ -28,6 +28,12 @@ SCHEDULES = [
         60,
         "Write expiry entries for credit grants past their expiry.",
     ),
+    Planned(
+        "check-alerts",
+        "alerts.tasks.check_alerts",
+        1,
+        "Evaluate every alert rule; fire newly crossed thresholds; send or retry notifications.",
+    ),
 ]
 
 

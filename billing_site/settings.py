@@ -48,6 +48,7 @@ INSTALLED_APPS = [
     "usage",
     "plans",
     "invoices",
+    "alerts",
     "portal",
 ]
 
@@ -218,3 +219,16 @@ INVOICE_DUE_DAYS = env.int("INVOICE_DUE_DAYS", default=30)
 SELLER_NAME = env.str("SELLER_NAME", default="Meterline Demo Ltd")
 SELLER_ADDRESS = env.str("SELLER_ADDRESS", default="1 Example Street, Springfield")
 SELLER_EMAIL = env.str("SELLER_EMAIL", default="billing@example.com")
+# Where customers reach the portal, for links in emails.
+PORTAL_URL = env.str("PORTAL_URL", default="http://127.0.0.1:8000")
+
+# --- Alerts -----------------------------------------------------------------------------------
+# A failed email or webhook is retried after about base x 2^(attempt-1) seconds (+-20%), capped,
+# and given up after the last attempt (every attempt is recorded).
+ALERTS_RETRY_BASE_SECONDS = env.int("ALERTS_RETRY_BASE_SECONDS", default=30)
+ALERTS_RETRY_MAX_SECONDS = env.int("ALERTS_RETRY_MAX_SECONDS", default=3600)
+ALERTS_DELIVERY_MAX_ATTEMPTS = env.int("ALERTS_DELIVERY_MAX_ATTEMPTS", default=10)
+ALERTS_WEBHOOK_TIMEOUT_SECONDS = env.int("ALERTS_WEBHOOK_TIMEOUT_SECONDS", default=10)
+# How long a process trusts its list of the rules ingestion checks (a rule change in another
+# process is seen by ingestion after at most this; the every-minute check sees it at once).
+ALERTS_RULE_CACHE_SECONDS = env.int("ALERTS_RULE_CACHE_SECONDS", default=10)

@@ -143,8 +143,9 @@ def period_cost(
     `as_of` defaults to the period's end (a whole period). `candidates` maps meter ids to specs
     to price with instead of the ones in force (the admin's "what if" preview).
     `received_until` counts only events received by then (the period close's cutoff).
-    A batch close passes what it read for many subscriptions at once: `prices` (from
-    `price_catalogue`) and `known_usage` (meter id -> the whole period's value).
+    A batch (period close, alert evaluation) passes what it read for many subscriptions at once:
+    `prices` (from `price_catalogue`) and `known_usage` (meter id -> `usage_so_far` at `as_of`,
+    the whole period's value when `as_of` is the end).
     """
     as_of = min(as_of or period.end, period.end)
     organisation = subscription.organisation
@@ -160,7 +161,7 @@ def period_cost(
                 period=period,
                 as_of=as_of,
                 received_until=received_until,
-                known=(known_usage or {}).get(meter.pk) if as_of >= period.end else None,
+                known=(known_usage or {}).get(meter.pk),
             )
         )
     return PeriodCost(subscription, period, as_of, subscription.plan.base_fee, lines)

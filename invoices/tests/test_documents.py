@@ -6,7 +6,6 @@ import email
 import email.policy
 import io
 import shutil
-import socket
 import subprocess
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -15,7 +14,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from aiosmtpd.controller import Controller
 from django.core import mail
 from pypdf import PdfReader
 
@@ -487,44 +485,13 @@ def test_a_worker_that_loses_the_race_returns_the_winners_document(
     assert mail.outbox == []
 
 
-class _Inbox:
-    """An aiosmtpd handler that keeps every message it accepts."""
-
-    def __init__(self) -> None:
-        self.envelopes: list[Any] = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's hook name)
-        self.envelopes.append(envelope)
-        return "250 Message accepted for delivery"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_document_email_goes_through_a_real_smtp_server(
-    settings, django_capture_on_commit_callbacks
+    smtp_inbox, django_capture_on_commit_callbacks
 ):
-    inbox = _Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=_free_port(), ready_timeout=10)
-    controller.start()
-    try:
-        settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
-        settings.EMAIL_HOST = "127.0.0.1"
-        settings.EMAIL_PORT = controller.port
-        settings.EMAIL_HOST_USER = ""
-        settings.EMAIL_HOST_PASSWORD = ""
-        settings.EMAIL_USE_TLS = False
-        settings.EMAIL_USE_SSL = False
-        settings.EMAIL_TIMEOUT = 10
-        invoice = _make_invoice(_usd_lines())
-
-        with django_capture_on_commit_callbacks(execute=True):
-            document = invoice_document_create(invoice=invoice)
-    finally:
-        controller.stop()
+    inbox = smtp_inbox
+    invoice = _make_invoice(_usd_lines())
+    with django_capture_on_commit_callbacks(execute=True):
+        document = invoice_document_create(invoice=invoice)
 
     [envelope] = inbox.envelopes
     assert envelope.rcpt_tos == ["accounts@acme.test"]

@@ -1,12 +1,12 @@
-from datetime import UTC, datetime
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
 from django.utils import timezone
 from tqdm import tqdm
 
-from accounts.models import Organisation
+from accounts.selectors import organisation_or_error
+from core.cli import iso_instant
 from invoices.services import invoice_draft, periods_close, periods_due
 
 
@@ -17,7 +17,9 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--as-of", help="ISO 8601 instant with offset (default: now).")
+        parser.add_argument(
+            "--as-of", type=iso_instant, help="ISO 8601 instant with offset (default: now)."
+        )
         parser.add_argument("--organisation", help="Only this organisation (slug).")
         parser.add_argument(
             "--dry-run", action="store_true", help="Show what would be invoiced; store nothing."
@@ -30,20 +32,10 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: object, **options: Any) -> None:
-        as_of = timezone.now()
-        if options["as_of"]:
-            try:
-                as_of = datetime.fromisoformat(options["as_of"])
-            except ValueError as exc:
-                raise CommandError(f"--as-of is not ISO 8601: {options['as_of']!r}") from exc
-            if as_of.tzinfo is None:
-                raise CommandError("--as-of needs a UTC offset, e.g. 2026-12-01T02:00:00Z")
-            as_of = as_of.astimezone(UTC)
+        as_of = options["as_of"] or timezone.now()
         organisation = None
         if options["organisation"]:
-            organisation = Organisation.objects.filter(slug=options["organisation"]).first()
-            if organisation is None:
-                raise CommandError(f"No organisation {options['organisation']!r}.")
+            organisation = organisation_or_error(options["organisation"])
 
         if options["dry_run"]:
             due = periods_due(as_of=as_of, organisation=organisation)

@@ -1,0 +1,242 @@
+"""Reads of alerts: what each rule sees now, the banners to show, the rules and their history.
+
+`rules_observe` is the evaluation's reading half: for a batch of organisations it loads their
+subscriptions and prices in a few queries, usage in one query per (period, meter) for all of
+them, and prices it in memory with `plans.selectors.period_cost`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from django.conf import settings
+from django.db.models import Q, QuerySet
+
+from accounts.models import Organisation
+from alerts.models import AlertFiring, AlertRule, AlertThreshold
+from core.periods import Period
+from plans.models import Subscription
+from plans.pricing import PriceSpec, Quote, included_units
+from plans.selectors import (
+    PeriodCost,
+    period_cost,
+    price_catalogue,
+    prices_in_force,
+    subscription_period,
+)
+from usage.aggregation import Aggregation
+from usage.models import Meter
+from usage.selectors import usage_so_far, usage_totals
+
+# Aggregations whose value ingestion can re-read cheaply (an index-only count or sum), so their
+# rules are also checked right after events are stored.
+INGEST_CHECKED = frozenset({Aggregation.COUNT, Aggregation.SUM})
+
+
+def ingest_cache_key(organisation_id: int) -> str:
+    return f"alerts:ingest-meters:{organisation_id}"
+
+
+def ingest_checked_meters(organisation_id: int) -> frozenset[int]:
+    """Meter ids whose new events may cross one of the organisation's rules cheaply (usage or
+    cost of a count/sum meter). Cached briefly: ingestion asks on every request."""
+    from django.core.cache import cache
+
+    key = ingest_cache_key(organisation_id)
+    cached = cache.get(key)
+    if cached is None:
+        rows = AlertRule.objects.filter(
+            organisation_id=organisation_id,
+            is_active=True,
+            metric__in=[AlertRule.Metric.USAGE, AlertRule.Metric.COST],
+            meter__aggregation__in=[a.value for a in INGEST_CHECKED],
+        ).values_list("meter_id", flat=True)
+        cached = frozenset(meter_id for meter_id in rows if meter_id is not None)
+        cache.set(key, cached, settings.ALERTS_RULE_CACHE_SECONDS)
+    return frozenset(cached)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one rule sees now: the value, its unit, and the allowance percentages refer to."""
+
+    rule: AlertRule
+    period: Period
+    value: Decimal
+    unit: str
+    allowance: Decimal | None
+
+
+def rules_observe(*, rules: list[AlertRule], as_of: datetime) -> list[Observation]:
+    by_organisation: dict[int, list[AlertRule]] = defaultdict(list)
+    for rule in rules:
+        by_organisation[rule.organisation_id].append(rule)  # type: ignore[index]
+    subscriptions = _subscriptions_at(list(by_organisation), as_of)
+    catalogue = price_catalogue(subscriptions=list(subscriptions.values()))
+    periods = {
+        org_id: subscription_period(subscription=s, at=as_of) for org_id, s in subscriptions.items()
+    }
+
+    # Which meters each organisation's rules need: the watched meter, or every priced meter for
+    # an invoice-total rule.
+    needed: dict[int, set[int]] = {}
+    meters: dict[int, Meter] = {}
+    for org_id, subscription in subscriptions.items():
+        wanted: set[int] = set()
+        for rule in by_organisation[org_id]:
+            if rule.meter_id is not None:
+                wanted.add(rule.meter_id)
+                meters[rule.meter_id] = rule.meter  # type: ignore[assignment]
+            else:
+                for price in catalogue[subscription.pk]:
+                    wanted.add(price.meter_id)
+                    meters[price.meter_id] = price.meter
+        needed[org_id] = wanted
+
+    usage = _usage_so_far(needed, periods, meters, as_of)
+    observations = []
+    for org_id, subscription in subscriptions.items():
+        period = periods[org_id]
+        prices = [p for p in catalogue[subscription.pk] if p.meter_id in needed[org_id]]
+        org_rules = by_organisation[org_id]
+        cost: PeriodCost | None = None
+        if any(rule.is_money for rule in org_rules):
+            cost = period_cost(
+                subscription=subscription,
+                period=period,
+                as_of=as_of,
+                prices=prices,
+                known_usage=usage[org_id],
+            )
+        in_force = {
+            p.meter.pk: p.version.parsed
+            for p in prices_in_force(subscription=subscription, period=period, prices=prices)
+        }
+        for rule in org_rules:
+            if cost is not None and rule.is_money:
+                observations.append(_money_observation(rule, cost, subscription.plan.currency))
+            else:
+                observations.append(_usage_observation(rule, period, usage[org_id], in_force))
+    return observations
+
+
+def _subscriptions_at(organisation_ids: list[int], at: datetime) -> dict[int, Subscription]:
+    subscriptions = (
+        Subscription.objects.select_related("plan", "organisation")
+        .filter(organisation_id__in=organisation_ids, start__lte=at)
+        .filter(Q(end__isnull=True) | Q(end__gt=at))
+        .order_by("start")
+    )
+    return {s.organisation_id: s for s in subscriptions}  # the latest start wins
+
+
+def _usage_so_far(
+    needed: dict[int, set[int]],
+    periods: dict[int, Period],
+    meters: dict[int, Meter],
+    as_of: datetime,
+) -> dict[int, dict[int, Decimal]]:
+    """usage_so_far for every needed (organisation, meter): one query per (period, meter) for
+    all organisations sharing that period; level meters (weighted_sum) one by one."""
+    usage: dict[int, dict[int, Decimal]] = defaultdict(dict)
+    groups: dict[tuple[Period, int], list[int]] = defaultdict(list)
+    for org_id, meter_ids in needed.items():
+        for meter_id in meter_ids:
+            groups[(periods[org_id], meter_id)].append(org_id)
+    for (period, meter_id), org_ids in groups.items():
+        meter = meters[meter_id]
+        if as_of <= period.start:
+            values = dict.fromkeys(org_ids, Decimal(0))
+        elif meter.spec.aggregation == Aggregation.WEIGHTED_SUM:
+            values = {
+                org_id: usage_so_far(
+                    organisation=Organisation(pk=org_id),
+                    meter=meter,
+                    period=period,
+                    as_of=as_of,
+                )
+                for org_id in org_ids
+            }
+        else:
+            values = usage_totals(
+                organisation_ids=org_ids,
+                meter=meter,
+                period=Period(period.start, min(as_of, period.end)),
+            )
+        for org_id in org_ids:
+            usage[org_id][meter_id] = values[org_id]
+    return usage
+
+
+def _usage_observation(
+    rule: AlertRule, period: Period, usage: dict[int, Decimal], in_force: dict[int, PriceSpec]
+) -> Observation:
+    meter = rule.meter
+    assert meter is not None  # noqa: S101 - a constraint: usage rules have a meter
+    spec = in_force.get(meter.pk)
+    allowance = included_units(spec) if spec is not None else None
+    return Observation(rule, period, usage.get(meter.pk, Decimal(0)), meter.unit, allowance)
+
+
+def _spend(quote: Quote) -> Decimal:
+    """What usage has cost: after discounts and caps, before a minimum's true-up (which would
+    put every price at its minimum from the first day)."""
+    return quote.amount - quote.true_up
+
+
+def _money_observation(rule: AlertRule, cost: PeriodCost, currency: str) -> Observation:
+    projected = rule.metric == AlertRule.Metric.PROJECTED_COST
+    allowance: Decimal | None
+    if rule.meter_id is None:
+        quotes = [line.projected_cost if projected else line.cost for line in cost.lines]
+        value = cost.base_fee + sum((_spend(q) for q in quotes), Decimal(0))
+        # The commitment of the whole invoice: the base fee plus each price's minimum.
+        minimums = [line.spec.minimum_amount or Decimal(0) for line in cost.lines]
+        allowance = cost.base_fee + sum(minimums, Decimal(0))
+    else:
+        line = next((line for line in cost.lines if line.meter.pk == rule.meter_id), None)
+        if line is None:  # the meter is not priced on this plan: it costs nothing
+            return Observation(rule, cost.period, Decimal(0), currency, None)
+        value = _spend(line.projected_cost if projected else line.cost)
+        allowance = line.spec.minimum_amount
+    return Observation(rule, cost.period, value, currency, allowance or None)
+
+
+def threshold_limit(threshold: AlertThreshold, allowance: Decimal | None) -> Decimal | None:
+    """The threshold in the rule's unit, or None when a percentage has nothing to refer to."""
+    if threshold.kind == AlertThreshold.Kind.ABSOLUTE:
+        return threshold.value
+    if not allowance:
+        return None
+    return allowance * threshold.value / 100
+
+
+def rules_of(*, organisation: Organisation) -> QuerySet[AlertRule]:
+    return (
+        AlertRule.objects.filter(organisation=organisation)
+        .select_related("meter")
+        .prefetch_related("thresholds")
+    )
+
+
+def banners_active(*, organisation: Organisation, limit: int = 5) -> list[AlertFiring]:
+    """Unacknowledged firings of rules that show a banner, newest first."""
+    return list(
+        AlertFiring.objects.filter(
+            organisation=organisation, acknowledged_at__isnull=True, rule__show_banner=True
+        )
+        .select_related("rule__meter", "threshold")
+        .order_by("-fired_at", "-id")[:limit]
+    )
+
+
+def firings_of(*, organisation: Organisation, limit: int = 50) -> list[AlertFiring]:
+    return list(
+        AlertFiring.objects.filter(organisation=organisation)
+        .select_related("rule__meter", "threshold")
+        .prefetch_related("deliveries")
+        .order_by("-fired_at", "-id")[:limit]
+    )

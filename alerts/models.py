@@ -91,9 +91,10 @@ class AlertRule(models.Model):
     def describe(self) -> str:
         """The watched quantity, in words: "api_calls usage", "Cost of api_calls", "Projected
         invoice total"."""
+        meter_name = self.meter.name if self.meter else ""
         if self.metric == self.Metric.USAGE:
-            return f"{self.meter} usage"
-        subject = f"cost of {self.meter}" if self.meter_id else "invoice total"
+            return f"{meter_name} usage"
+        subject = f"cost of {meter_name}" if self.meter_id else "invoice total"
         prefix = "Projected " if self.metric == self.Metric.PROJECTED_COST else "Current "
         return prefix + subject
 
@@ -127,7 +128,7 @@ class AlertThreshold(models.Model):
 
     def __str__(self) -> str:
         value = self.value.normalize()
-        return f"{value:f}%" if self.kind == self.Kind.PERCENT else f"{value:f}"
+        return f"{value:f}%" if self.kind == self.Kind.PERCENT else f"{value:,f}"
 
 
 class AlertFiring(models.Model):

@@ -240,3 +240,63 @@ def firings_of(*, organisation: Organisation, limit: int = 50) -> list[AlertFiri
         .prefetch_related("deliveries")
         .order_by("-fired_at", "-id")[:limit]
     )
+
+
+@dataclass(frozen=True)
+class ThresholdStatus:
+    threshold: AlertThreshold
+    limit: Decimal | None  # None: a percentage of an allowance the plan does not have
+    firing: AlertFiring | None  # fired in the current period
+
+    @property
+    def state(self) -> str:
+        if self.firing is not None:
+            return "fired"
+        if self.limit is None:
+            return "no allowance"
+        return "armed"
+
+
+@dataclass(frozen=True)
+class RuleStatus:
+    """A rule as its owner sees it: the value now and where each threshold stands."""
+
+    rule: AlertRule
+    observation: Observation | None  # None without a subscription (no period)
+    thresholds: list[ThresholdStatus]
+
+    @property
+    def crossed_unfired(self) -> list[ThresholdStatus]:
+        """Thresholds the value is past but that have not fired yet (the next evaluation
+        fires them)."""
+        if self.observation is None:
+            return []
+        value = self.observation.value
+        return [
+            t
+            for t in self.thresholds
+            if t.firing is None and t.limit is not None and value >= t.limit
+        ]
+
+
+def rule_statuses(*, organisation: Organisation, as_of: datetime) -> list[RuleStatus]:
+    rules = list(rules_of(organisation=organisation))
+    observed = {o.rule.pk: o for o in rules_observe(rules=[r for r in rules], as_of=as_of)}
+    periods = {o.period.start for o in observed.values()}
+    firings = {
+        (f.rule_id, f.threshold_id): f
+        for f in AlertFiring.objects.filter(organisation=organisation, period_start__in=periods)
+    }
+    statuses = []
+    for rule in rules:
+        observation = observed.get(rule.pk)
+        thresholds = [
+            ThresholdStatus(
+                t,
+                threshold_limit(t, observation.allowance) if observation else None,
+                firings.get((rule.pk, t.pk)) if observation else None,
+            )
+            for t in rule.thresholds.all()
+        ]
+        statuses.append(RuleStatus(rule, observation, thresholds))
+    return statuses

@@ -83,6 +83,15 @@ def alert_rule_delete(*, rule: AlertRule) -> None:
     ingest_rules_forget(organisation_id)
 
 
+def alert_rule_set_active(*, rule: AlertRule, active: bool) -> AlertRule:
+    """Pause or resume a rule. A paused rule does not fire; resumed, it fires at the next
+    evaluation for what it missed in the current period."""
+    rule.is_active = active
+    rule.save(update_fields=["is_active"])
+    ingest_rules_forget(rule.organisation_id)
+    return rule
+
+
 def alert_rules_copy_defaults(*, subscription: Subscription) -> list[AlertRule]:
     """Give the subscriber its own copy of each of the plan's default rules (once per rule).
 

@@ -27,4 +27,9 @@ urlpatterns = [
     path("api-keys/", views.api_keys_index, name="api_keys"),
     path("api-keys/new/", views.api_key_new, name="api_key_new"),
     path("api-keys/<int:pk>/revoke/", views.api_key_revoke_view, name="api_key_revoke"),
+    path("alerts/", views.alerts_index, name="alerts"),
+    path("alerts/new/", views.alert_rule_new, name="alert_rule_new"),
+    path("alerts/<int:pk>/delete/", views.alert_rule_delete, name="alert_rule_delete"),
+    path("alerts/<int:pk>/pause/", views.alert_rule_pause, name="alert_rule_pause"),
+    path("alerts/fired/<int:pk>/acknowledge/", views.alert_acknowledge, name="alert_acknowledge"),
 ]

@@ -18,10 +18,15 @@ from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
+from django_htmx.http import reswap, retarget
 
 from accounts.models import APIKey, Organisation
 from accounts.selectors import api_key_list
 from accounts.services import api_key_create, api_key_revoke
+from alerts.models import AlertFiring, AlertRule
+from alerts.selectors import banners_active, firings_of, rule_statuses
+from alerts.services import alert_firing_acknowledge, alert_rule_create, alert_rule_set_active
+from alerts.services import alert_rule_delete as alert_rule_delete_service
 from core.periods import Period
 from invoices.documents import invoice_context, invoice_document_create
 from invoices.models import Invoice
@@ -35,6 +40,7 @@ from plans.selectors import (
     subscription_active,
     subscription_period,
 )
+from portal.forms import AlertRuleForm
 from portal.tenancy import current_organisation, organisation_switch, organisations_of
 from usage.models import Meter
 from usage.selectors import event_list, usage_series
@@ -64,7 +70,11 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     organisation = current_organisation(request)
     now = timezone.now()
     subscription = subscription_active(organisation=organisation, at=now)
-    context: dict[str, Any] = {"now": now, "poll": POLL_SECONDS}
+    context: dict[str, Any] = {
+        "now": now,
+        "poll": POLL_SECONDS,
+        "banners": banners_active(organisation=organisation),
+    }
     if subscription is not None:
         period = subscription_period(subscription=subscription, at=now)
         cost = period_cost(subscription=subscription, period=period, as_of=now)
@@ -288,6 +298,97 @@ def api_key_revoke_view(request: HttpRequest, pk: int) -> HttpResponse:
         raise Http404("No such key.")
     api_key_revoke(api_key=api_key)
     return _api_keys_page(request, organisation)
+
+
+# --- Alerts ---------------------------------------------------------------------------------
+
+
+def _alerts_page(
+    request: HttpRequest,
+    organisation: Organisation,
+    form: AlertRuleForm | None = None,
+    **extra: Any,
+) -> TemplateResponse:
+    now = timezone.now()
+    context = {
+        "statuses": rule_statuses(organisation=organisation, as_of=now),
+        "firings": firings_of(organisation=organisation, limit=20),
+        "form": form or AlertRuleForm(initial={"show_banner": True}),
+        **extra,
+    }
+    return _page(request, organisation, "portal/alerts.html", "alert-rules", context)
+
+
+def _rule_or_404(organisation: Organisation, pk: int) -> AlertRule:
+    rule = AlertRule.objects.filter(organisation=organisation, pk=pk).first()
+    if rule is None:
+        raise Http404("No such alert rule.")
+    return rule
+
+
+@login_required
+def alerts_index(request: HttpRequest) -> HttpResponse:
+    return _alerts_page(request, current_organisation(request))
+
+
+@require_POST
+@login_required
+def alert_rule_new(request: HttpRequest) -> HttpResponse:
+    organisation = current_organisation(request)
+    form = AlertRuleForm(request.POST)
+    if not form.is_valid():
+        response = _alerts_page(request, organisation, form=form)
+        if request.htmx:  # type: ignore[attr-defined]
+            # The form, not the list, shows the errors (htmx swaps only 2xx answers).
+            response.template_name = "portal/alerts.html#alert-rule-form"
+            return reswap(retarget(response, "#alert-rule-form"), "outerHTML")
+        return response
+    data = form.cleaned_data
+    rule = alert_rule_create(
+        organisation=organisation,
+        metric=data["metric"],
+        meter=data["meter"],
+        name=data["name"],
+        thresholds=data["thresholds"],
+        email_to=data["email_to"],
+        webhook_url=data["webhook_url"],
+        show_banner=data["show_banner"],
+    )
+    return _alerts_page(request, organisation, created=rule)
+
+
+@require_POST
+@login_required
+def alert_rule_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    organisation = current_organisation(request)
+    alert_rule_delete_service(rule=_rule_or_404(organisation, pk))
+    return _alerts_page(request, organisation)
+
+
+@require_POST
+@login_required
+def alert_rule_pause(request: HttpRequest, pk: int) -> HttpResponse:
+    organisation = current_organisation(request)
+    rule = _rule_or_404(organisation, pk)
+    alert_rule_set_active(rule=rule, active=not rule.is_active)
+    return _alerts_page(request, organisation)
+
+
+@require_POST
+@login_required
+def alert_acknowledge(request: HttpRequest, pk: int) -> HttpResponse:
+    organisation = current_organisation(request)
+    firing = AlertFiring.objects.filter(organisation=organisation, pk=pk).first()
+    if firing is None:
+        raise Http404("No such alert.")
+    alert_firing_acknowledge(firing=firing)
+    if request.htmx:  # type: ignore[attr-defined]
+        return TemplateResponse(
+            request,
+            "portal/dashboard.html#alert-banners",
+            {"banners": banners_active(organisation=organisation)},
+        )
+    return redirect("portal:dashboard")
 
 
 @require_POST

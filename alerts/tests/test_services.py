@@ -235,7 +235,7 @@ def test_emails_arrive_through_a_real_smtp_server(customer, smtp_inbox, settings
         "ops@customer.test",
     ]
     message = smtp_inbox.messages[0]
-    assert message["Subject"] == f"{org.name}: {calls.code} usage passed 80% (800 unit)"
+    assert message["Subject"] == f"{org.name}: {calls.name} usage passed 80% (800 unit)"
     text = message.get_body(("plain",)).get_content()
     assert f"Hello {org.name}," in text
     assert "has reached 850 unit, passing the alert threshold of 80% (800 unit)" in text

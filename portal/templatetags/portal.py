@@ -43,3 +43,11 @@ def percent_of(part: Decimal, whole: Decimal) -> int:
     if not whole:
         return 0
     return max(0, min(100, int(Decimal(part) * 100 / Decimal(whole))))
+
+
+@register.simple_tag
+def measure(value: Decimal | None, unit: str, is_money: bool) -> str:
+    """A watched value in its unit: money per currency, or a quantity and the meter's unit."""
+    if value is None:
+        return ""
+    return money(value, unit) if is_money else f"{quantity(value)} {unit}"

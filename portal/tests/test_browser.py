@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.core.management import call_command
 from django.test import Client
 from django.utils import timezone
 
@@ -117,3 +118,23 @@ def test_the_portal_in_a_browser(live_server, customer, tmp_path, browser_page, 
     target = tmp_path / "invoice.pdf"
     download.value.save_as(target)
     assert target.read_bytes().startswith(b"%PDF")
+
+    # Alerts: a rule made in the form fires, its banner shows on the dashboard until dismissed.
+    page.goto(live_server.url + "/portal/alerts/")
+    page.select_option("select[name=metric]", "usage")
+    page.select_option("select[name=meter]", "calls")
+    page.fill("input[name=thresholds]", "25, 1000")
+    page.click("#alert-rule-create")
+    page.wait_for_selector("#already-crossed")
+    assert "40 is already past 25" in page.inner_text("#already-crossed")
+    assert page.input_value("input[name=thresholds]") == ""  # the form was reset
+    call_command("check_alerts")
+    page.goto(live_server.url + "/portal/alerts/")
+    assert "fired" in page.inner_text(".threshold-fired")
+    screenshot(page, "portal-alerts")
+    page.goto(live_server.url + "/portal/")
+    banner = page.locator(".alert-banner")
+    assert "Calls usage passed 25" in banner.inner_text()
+    screenshot(page, "portal-dashboard-alert")
+    page.click(".alert-banner button.acknowledge")
+    page.wait_for_selector(".alert-banner", state="detached")

@@ -11,10 +11,13 @@ from django.utils import timezone
 from accounts.models import APIKey, Membership
 from accounts.services import api_key_authenticate, api_key_create, membership_add
 from accounts.tests.factories import make_organisation
+from alerts.models import AlertFiring, AlertRule
+from alerts.services import alert_rule_create, alerts_evaluate
 from core.periods import Period
 from invoices.services import period_close
 from plans.services import credit_grant_create
 from plans.tests.factories import make_plan, make_subscription
+from portal.urls import urlpatterns
 from usage.services import events_ingest
 from usage.tests.factories import make_meter
 
@@ -64,12 +67,22 @@ def world(db):
             description="Goodwill",
         )
         key = api_key_create(organisation=org, name="prod").api_key
+        rule = alert_rule_create(
+            organisation=org,
+            metric=AlertRule.Metric.USAGE,
+            meter=calls,
+            name=f"{name}-calls-rule",
+            thresholds=[("absolute", Decimal(10))],
+        )
+        alerts_evaluate(as_of=timezone.now(), organisation_ids=[org.pk])
         result[name] = {
             "org": org,
             "user": user,
             "invoice": invoice,
             "key": key,
             "subscription": subscription,
+            "rule": rule,
+            "firing": AlertFiring.objects.get(rule=rule),
         }
     return result
 
@@ -86,6 +99,7 @@ PAGES = [
     ("portal:credits", {}, "credit-ledger"),
     ("portal:api_keys", {}, "api-key-list"),
     ("portal:invoice_upcoming", {}, "invoice-body"),
+    ("portal:alerts", {}, "alert-rules"),
 ]
 
 
@@ -183,18 +197,36 @@ def test_every_object_url_of_another_organisation_is_a_404(client, world):
     """Walk every portal URL that names an object, as a user of the other organisation."""
     acme = world["acme"]
     login(client, world["globex"])
+    objects = {
+        "invoice_detail": acme["invoice"],
+        "invoice_pdf": acme["invoice"],
+        "api_key_revoke": acme["key"],
+        "alert_rule_delete": acme["rule"],
+        "alert_rule_pause": acme["rule"],
+        "alert_acknowledge": acme["firing"],
+    }
+    # Every URL that names an object is walked: a new one must be added above.
+    naming_an_object = {p.name for p in urlpatterns if "<int:pk>" in str(p.pattern)}
+    assert naming_an_object == set(objects)
     urls = [
-        ("get", reverse("portal:invoice_detail", args=[acme["invoice"].pk])),
-        ("get", reverse("portal:invoice_pdf", args=[acme["invoice"].pk])),
-        ("post", reverse("portal:api_key_revoke", args=[acme["key"].pk])),
-        ("post", reverse("portal:switch_organisation")),
+        (
+            "get" if name in ("invoice_detail", "invoice_pdf") else "post",
+            reverse(f"portal:{name}", args=[obj.pk]),
+        )
+        for name, obj in objects.items()
     ]
+    urls.append(("post", reverse("portal:switch_organisation")))
     for method, url in urls:
         data = {"organisation": acme["org"].pk} if "organisation" in url else {}
-        response = getattr(client, method)(url, data)
-        assert response.status_code == 404, url
-        assert acme["invoice"].number.encode() not in response.content
+        for headers in ({}, HTMX):
+            response = getattr(client, method)(url, data, headers=headers)
+            assert response.status_code == 404, url
+            assert acme["invoice"].number.encode() not in response.content
+            assert b"acme-calls-rule" not in response.content
     assert APIKey.objects.get(pk=acme["key"].pk).revoked_at is None
+    rule = AlertRule.objects.get(pk=acme["rule"].pk)
+    assert rule.is_active
+    assert AlertFiring.objects.get(pk=acme["firing"].pk).acknowledged_at is None
     # Pages that list things show only globex's.
     for name, kwargs, _ in PAGES:
         body = client.get(reverse(name, kwargs=kwargs)).content.decode()
@@ -202,6 +234,7 @@ def test_every_object_url_of_another_organisation_is_a_404(client, world):
             "acme-" not in body
             and acme["invoice"].number not in body
             and acme["key"].prefix not in body
+            and "acme-calls-rule" not in body
         )
 
 
@@ -238,3 +271,85 @@ def test_dates_are_shown_in_the_organisations_time_zone(client, world):
     local = period_end.astimezone(org.tzinfo)
     assert local.hour != period_end.hour
     assert f"(ends at {local:%H:%M}" in response.content.decode()
+
+
+def test_alert_rules_are_created_with_their_thresholds_and_say_when_already_crossed(client, world):
+    login(client, world["acme"])
+    response = client.post(
+        reverse("portal:alert_rule_new"),
+        {
+            "metric": "usage",
+            "meter": "calls",
+            "name": "Free tier watch",
+            "thresholds": "50%, 80 %, 1_000",
+            "email_to": "ops@acme.test, cto@acme.test",
+            "webhook_url": "https://hooks.acme.test/meterline",
+            "show_banner": "on",
+        },
+        headers=HTMX,
+    )
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert "<html" not in body and 'id="alert-rules"' in body
+    rule = AlertRule.objects.get(organisation=world["acme"]["org"], name="Free tier watch")
+    assert sorted((t.kind, t.value) for t in rule.thresholds.all()) == [
+        ("absolute", Decimal(1000)),
+        ("percent", Decimal(50)),
+        ("percent", Decimal(80)),
+    ]
+    assert rule.email_to == ["ops@acme.test", "cto@acme.test"]
+    assert rule.webhook_url == "https://hooks.acme.test/meterline"
+    # 30 calls of 2 included: 50% (1) and 80% (1.6) are already past, 1,000 is not.
+    assert 'id="already-crossed"' in body
+    assert "is already past 50%, 80%: they fire at the next evaluation" in body
+    assert rule.webhook_secret in body
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"thresholds": "lots"}, "&#x27;lots&#x27; is not a number."),
+        ({"thresholds": "-5"}, "thresholds are positive numbers"),
+        ({"thresholds": "5", "meter": ""}, "A usage rule watches one meter."),
+        ({"thresholds": "5", "email_to": "not-an-address"}, "Enter a valid email address."),
+        ({"thresholds": "5", "show_banner": ""}, "Choose at least one channel"),
+    ],
+)
+def test_a_bad_rule_is_refused_in_the_form_and_nothing_is_stored(client, world, fields, error):
+    login(client, world["acme"])
+    data = {"metric": "usage", "meter": "calls", "show_banner": "on", **fields}
+    response = client.post(reverse("portal:alert_rule_new"), data, headers=HTMX)
+    assert response.status_code == 200
+    assert response["HX-Retarget"] == "#alert-rule-form"
+    assert error in response.content.decode()
+    assert AlertRule.objects.filter(organisation=world["acme"]["org"]).count() == 1
+
+
+def test_the_dashboard_shows_an_alert_banner_until_it_is_dismissed(client, world):
+    acme = world["acme"]
+    login(client, acme)
+    firing = acme["firing"]
+    body = client.get(reverse("portal:dashboard"), headers=HTMX).content.decode()
+    assert f'id="alert-banner-{firing.pk}"' in body
+    assert "<strong>Calls usage passed 10</strong>" in body
+    assert ": 30 unit, threshold 10 unit." in body
+    response = client.post(reverse("portal:alert_acknowledge", args=[firing.pk]), headers=HTMX)
+    assert response.status_code == 200
+    assert f'id="alert-banner-{firing.pk}"' not in response.content.decode()
+    body = client.get(reverse("portal:dashboard")).content.decode()
+    assert f'id="alert-banner-{firing.pk}"' not in body
+
+
+def test_rules_are_paused_resumed_and_deleted(client, world):
+    acme = world["acme"]
+    login(client, acme)
+    rule = acme["rule"]
+    client.post(reverse("portal:alert_rule_pause", args=[rule.pk]), headers=HTMX)
+    rule.refresh_from_db()
+    assert not rule.is_active
+    client.post(reverse("portal:alert_rule_pause", args=[rule.pk]), headers=HTMX)
+    rule.refresh_from_db()
+    assert rule.is_active
+    response = client.post(reverse("portal:alert_rule_delete", args=[rule.pk]), headers=HTMX)
+    assert 'id="no-rules"' in response.content.decode()
+    assert not AlertRule.objects.filter(pk=rule.pk).exists()

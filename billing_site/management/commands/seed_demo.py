@@ -11,6 +11,8 @@ from django.utils import timezone
 
 from accounts.models import Membership, Organisation
 from accounts.services import api_key_create, membership_add, organisation_create
+from alerts.models import AlertRule
+from alerts.services import alert_rule_create, alerts_evaluate
 from core.periods import add_months
 from invoices.services import periods_close
 from plans.models import CreditGrant, Plan, Subscription
@@ -152,6 +154,7 @@ class Command(BaseCommand):
             )
         summary = periods_close(as_of=now)
         self.stdout.write(f"closed {summary.closed} billing period(s) into invoices")
+        self._alert_rules(acme, now)
         issued = api_key_create(
             organisation=Organisation.objects.get(slug="acme"), name="demo key (seed_demo)"
         )
@@ -164,6 +167,26 @@ class Command(BaseCommand):
             f'  Try: curl -H "Authorization: Bearer {issued.secret}" '
             '"http://127.0.0.1:8000/api/v1/meters"\n'
         )
+
+    def _alert_rules(self, organisation: Organisation, now: datetime) -> None:
+        """Two demo rules for acme (free API calls used; projected invoice), evaluated now."""
+        if not AlertRule.objects.filter(organisation=organisation).exists():
+            alert_rule_create(
+                organisation=organisation,
+                metric=AlertRule.Metric.USAGE,
+                meter=Meter.objects.get(code="api_calls"),
+                name="Free API calls",
+                thresholds=[("percent", Decimal(50)), ("percent", Decimal(80))],
+                email_to=[organisation.billing_email],
+            )
+            alert_rule_create(
+                organisation=organisation,
+                metric=AlertRule.Metric.PROJECTED_COST,
+                name="Projected invoice",
+                thresholds=[("absolute", Decimal(100)), ("absolute", Decimal(1000))],
+            )
+        evaluation = alerts_evaluate(as_of=now, organisation_ids=[organisation.pk])
+        self.stdout.write(f"alerts: {evaluation}")
 
     def _plans_and_subscriptions(self, now: datetime) -> None:
         """A growth plan per currency; each organisation subscribed since last month's 1st."""

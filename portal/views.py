@@ -43,7 +43,7 @@ from plans.selectors import (
 from portal.forms import AlertRuleForm
 from portal.tenancy import current_organisation, organisation_switch, organisations_of
 from usage.models import Meter
-from usage.selectors import event_list, usage_series
+from usage.selectors import Granularity, event_list, usage_series
 
 # While a period is open its numbers change; HTMX polls this often.
 POLL_SECONDS = 5
@@ -141,16 +141,25 @@ def usage_detail(request: HttpRequest, code: str) -> HttpResponse:
         # Compared as JSON, like meter filters: the string "eu" matches "eu", not a number.
         events = events.alias(_prop=KeyTransform(prop, "properties")).filter(_prop=value)
     page = Paginator(events, EVENTS_PER_PAGE).get_page(request.GET.get("page"))
-    series = usage_series(organisation=organisation, meter=meter, period=period, granularity="day")
+    # Days in the organisation's zone, or hours (?by=hour) for a closer look.
+    granularity: Granularity = "hour" if request.GET.get("by") == "hour" else "day"
+    series = usage_series(
+        organisation=organisation, meter=meter, period=period, granularity=granularity
+    )
+    label = "%d %b %H:%M" if granularity == "hour" else "%d %b"
+    others = request.GET.copy()
+    others.pop("by", None)
+    others.pop("page", None)
     context = {
         "meter": meter,
         "period": period,
         "page": page,
         "series": series,
+        "granularity": granularity,
+        "others": others.urlencode(),
         "chart": {
             "labels": [
-                bucket.start.astimezone(organisation.tzinfo).strftime("%d %b")
-                for bucket, _ in series
+                bucket.start.astimezone(organisation.tzinfo).strftime(label) for bucket, _ in series
             ],
             "values": [float(value) for _, value in series],  # display only, never billed
         },

@@ -155,6 +155,25 @@ def test_events_paginate_and_filter(client, world):
     assert filtered.count("acme-") == 15
 
 
+def test_the_usage_chart_is_daily_or_hourly(client, world):
+    login(client, world["acme"])
+    url = reverse("portal:usage_detail", args=["calls"])
+    start = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
+    day = f"start={start:%Y-%m-%d}&end={start:%Y-%m-%d}"
+    daily = client.get(f"{url}?{day}")
+    hourly = client.get(f"{url}?{day}&by=hour")
+    daily_chart = daily.context["chart"]
+    hourly_chart = hourly.context["chart"]
+    assert len(daily_chart["labels"]) == 1
+    assert len(hourly_chart["labels"]) == 24
+    assert hourly_chart["labels"][0] == f"{start:%d %b} 00:00"
+    # The 30 events were sent today (UTC): the hours add up to the day.
+    assert sum(hourly_chart["values"]) == sum(daily_chart["values"]) == 30
+    assert 'id="usage-by-day"' in daily.content.decode()
+    assert 'id="usage-by-day"' not in hourly.content.decode()
+    assert "<strong>Hourly</strong>" in hourly.content.decode()
+
+
 def test_csv_export_has_every_event_of_the_period(client, world):
     login(client, world["acme"])
     response = client.get(reverse("portal:usage_export", args=["calls"]))

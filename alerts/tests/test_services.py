@@ -10,7 +10,7 @@ from django.core.management import call_command
 from django.db import connection
 
 from accounts.tests.factories import make_organisation
-from alerts.models import AlertDelivery, AlertFiring, AlertRule
+from alerts.models import AlertDelivery, AlertFiring, AlertRule, AlertThreshold
 from alerts.services import alert_rule_create, alerts_evaluate, deliveries_send
 from alerts.webhooks import signature_verify
 from plans.tests.factories import make_plan, make_subscription
@@ -445,3 +445,59 @@ def test_a_crossing_is_noticed_right_after_the_api_stores_the_batch(client):
     [firing] = AlertFiring.objects.filter(rule=rule)
     assert firing.observed == 3
     assert len(mail.outbox) == 1
+
+
+@pytest.mark.django_db
+def test_evaluation_reads_a_batch_of_organisations_in_the_same_few_queries():
+    """Queries per batch do not grow with the number of organisations or rules."""
+    from django.test.utils import CaptureQueriesContext
+
+    calls = make_meter("count")
+    tokens = make_meter("sum", property="tokens")
+    plan = make_plan(
+        {calls: FREE_TIER, tokens: {"model": "standard", "unit_price": "0.001"}},
+        base_fee=Decimal(5),
+    )
+
+    def organisations(count):
+        ids = []
+        for _ in range(count):
+            org = make_organisation()
+            make_subscription(org, plan, START)
+            usage_rule(org, calls, ("percent", "80"))
+            alert_rule_create(
+                organisation=org,
+                metric=AlertRule.Metric.PROJECTED_COST,
+                thresholds=[(AlertThreshold.Kind.ABSOLUTE, Decimal(1000))],
+            )
+            send(org, calls, 2)
+            send(org, tokens, quantity=100)
+            ids.append(org.pk)
+        return ids
+
+    counts = []
+    for size in (3, 12):
+        ids = organisations(size)
+        with CaptureQueriesContext(connection) as queries:
+            summary = alerts_evaluate(as_of=MID + timedelta(minutes=2), organisation_ids=ids)
+        assert summary.rules == 2 * size and summary.fired == []
+        counts.append(len(queries))
+    assert counts[0] == counts[1] <= 10, counts
+
+
+@pytest.mark.django_db
+def test_a_firing_whose_sender_died_is_sent_by_the_every_minute_schedule(customer):
+    from alerts.tasks import check_alerts
+
+    org, calls = customer
+    usage_rule(org, calls, ("absolute", "5"))
+    send(org, calls, 6)
+    # Fired and committed, but the process died before its after-commit send ran.
+    alerts_evaluate(as_of=MID + timedelta(minutes=2), send=False)
+    assert AlertDelivery.objects.get().status == "pending"
+    assert "0 threshold(s) fired; 1 notification(s) sent" in check_alerts(
+        (MID + timedelta(minutes=3)).isoformat()
+    )
+    assert "0 notification(s) sent" in check_alerts((MID + timedelta(minutes=4)).isoformat())
+    assert len(mail.outbox) == 1
+    assert AlertFiring.objects.count() == 1

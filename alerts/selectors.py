@@ -29,7 +29,7 @@ from plans.selectors import (
 )
 from usage.aggregation import Aggregation
 from usage.models import Meter
-from usage.selectors import usage_so_far, usage_totals
+from usage.selectors import meter_levels_at, usage_so_far_totals
 
 # Aggregations whose value ingestion can re-read cheaply (an index-only count or sum), so their
 # rules are also checked right after events are stored.
@@ -96,7 +96,7 @@ def rules_observe(*, rules: list[AlertRule], as_of: datetime) -> list[Observatio
                     meters[price.meter_id] = price.meter
         needed[org_id] = wanted
 
-    usage = _usage_so_far(needed, periods, meters, as_of)
+    usage, levels = _usage_so_far(needed, periods, meters, as_of)
     observations = []
     for org_id, subscription in subscriptions.items():
         period = periods[org_id]
@@ -110,6 +110,7 @@ def rules_observe(*, rules: list[AlertRule], as_of: datetime) -> list[Observatio
                 as_of=as_of,
                 prices=prices,
                 known_usage=usage[org_id],
+                known_levels=levels[org_id],
             )
         in_force = {
             p.meter.pk: p.version.parsed
@@ -138,37 +139,28 @@ def _usage_so_far(
     periods: dict[int, Period],
     meters: dict[int, Meter],
     as_of: datetime,
-) -> dict[int, dict[int, Decimal]]:
-    """usage_so_far for every needed (organisation, meter): one query per (period, meter) for
-    all organisations sharing that period; level meters (weighted_sum) one by one."""
+) -> tuple[dict[int, dict[int, Decimal]], dict[int, dict[int, Decimal]]]:
+    """usage_so_far for every needed (organisation, meter), and the current level of level
+    meters (for their projection): one query per (period, meter) for all organisations sharing
+    that period, two more for a weighted_sum meter."""
     usage: dict[int, dict[int, Decimal]] = defaultdict(dict)
+    levels: dict[int, dict[int, Decimal]] = defaultdict(dict)
     groups: dict[tuple[Period, int], list[int]] = defaultdict(list)
     for org_id, meter_ids in needed.items():
         for meter_id in meter_ids:
             groups[(periods[org_id], meter_id)].append(org_id)
     for (period, meter_id), org_ids in groups.items():
         meter = meters[meter_id]
-        if as_of <= period.start:
-            values = dict.fromkeys(org_ids, Decimal(0))
-        elif meter.spec.aggregation == Aggregation.WEIGHTED_SUM:
-            values = {
-                org_id: usage_so_far(
-                    organisation=Organisation(pk=org_id),
-                    meter=meter,
-                    period=period,
-                    as_of=as_of,
-                )
-                for org_id in org_ids
-            }
-        else:
-            values = usage_totals(
-                organisation_ids=org_ids,
-                meter=meter,
-                period=Period(period.start, min(as_of, period.end)),
-            )
+        values = usage_so_far_totals(
+            organisation_ids=org_ids, meter=meter, period=period, as_of=as_of
+        )
         for org_id in org_ids:
             usage[org_id][meter_id] = values[org_id]
-    return usage
+        if meter.spec.aggregation == Aggregation.WEIGHTED_SUM:
+            at = meter_levels_at(organisation_ids=org_ids, meter=meter, instant=as_of)
+            for org_id in org_ids:
+                levels[org_id][meter_id] = at[org_id]
+    return usage, levels
 
 
 def _usage_observation(

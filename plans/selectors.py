@@ -137,6 +137,7 @@ def period_cost(
     received_until: datetime | None = None,
     prices: list[Price] | None = None,
     known_usage: Mapping[int, Decimal] | None = None,
+    known_levels: Mapping[int, Decimal] | None = None,
 ) -> PeriodCost:
     """Price a subscription's usage over `period`, counting events before `as_of`.
 
@@ -145,7 +146,8 @@ def period_cost(
     `received_until` counts only events received by then (the period close's cutoff).
     A batch (period close, alert evaluation) passes what it read for many subscriptions at once:
     `prices` (from `price_catalogue`) and `known_usage` (meter id -> `usage_so_far` at `as_of`,
-    the whole period's value when `as_of` is the end).
+    the whole period's value when `as_of` is the end) and `known_levels` (meter id ->
+    `meter_level_at` at `as_of`, for projecting `weighted_sum` meters).
     """
     as_of = min(as_of or period.end, period.end)
     organisation = subscription.organisation
@@ -162,6 +164,7 @@ def period_cost(
                 as_of=as_of,
                 received_until=received_until,
                 known=(known_usage or {}).get(meter.pk),
+                level=(known_levels or {}).get(meter.pk),
             )
         )
     return PeriodCost(subscription, period, as_of, subscription.plan.base_fee, lines)
@@ -176,6 +179,7 @@ def _meter_cost(
     as_of: datetime,
     received_until: datetime | None,
     known: Decimal | None = None,
+    level: Decimal | None = None,
 ) -> MeterCost:
     meter = in_force.meter
     if known is None:
@@ -230,7 +234,8 @@ def _meter_cost(
         method = "run rate"
     elif aggregation == Aggregation.WEIGHTED_SUM:
         # A level holds until changed: what accrued so far plus the current level to the end.
-        level = meter_level_at(organisation=organisation, meter=meter, instant=as_of)
+        if level is None:
+            level = meter_level_at(organisation=organisation, meter=meter, instant=as_of)
         remaining = Period(as_of, period.end)
         projected = usage + level_average(level * remaining.microseconds, period)
         method = "current level held to period end"

@@ -12,7 +12,15 @@ from accounts.tests.factories import make_organisation
 from core.periods import Period, day_buckets
 from usage.aggregation import Reading, aggregate
 from usage.models import UsageEvent
-from usage.selectors import usage_series, usage_total, usage_totals
+from usage.selectors import (
+    meter_level_at,
+    meter_levels_at,
+    usage_series,
+    usage_so_far,
+    usage_so_far_totals,
+    usage_total,
+    usage_totals,
+)
 from usage.tests.factories import make_meter
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -310,5 +318,47 @@ def test_batch_totals_equal_the_per_organisation_totals(per_org, aggregation, fi
     )
     assert batch == {
         org.pk: usage_total(organisation=org, meter=meter, period=PERIOD, received_until=cutoff)
+        for org in organisations
+    }
+
+
+@pytest.mark.django_db
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    per_org=st.lists(events_strategy, min_size=1, max_size=4),
+    aggregation=st.sampled_from(AGGREGATIONS),
+    filtered=st.booleans(),
+    elapsed=st.integers(min_value=-2, max_value=33 * 24),  # hours from the period's start
+)
+def test_batch_so_far_and_levels_equal_the_per_organisation_reads(
+    per_org, aggregation, filtered, elapsed
+):
+    spec = (
+        {}
+        if aggregation == "count"
+        else {"property": "user" if aggregation == "unique_count" else "v"}
+    )
+    if filtered:
+        spec["filters"] = {"region": ["eu", "us"]}
+    meter = make_meter(aggregation, **spec)
+    organisations = [make_organisation() for _ in per_org]
+    for org, events in zip(organisations, per_org, strict=True):
+        for at, value, user, region in events:
+            properties = {"v": str(value), "user": user}
+            if region is not None:
+                properties["region"] = region
+            store(org, meter, at, str(value), **properties)
+    as_of = START + timedelta(hours=elapsed)
+    ids = [o.pk for o in organisations]
+    assert usage_so_far_totals(organisation_ids=ids, meter=meter, period=PERIOD, as_of=as_of) == {
+        org.pk: usage_so_far(organisation=org, meter=meter, period=PERIOD, as_of=as_of)
+        for org in organisations
+    }
+    assert meter_levels_at(organisation_ids=ids, meter=meter, instant=as_of) == {
+        org.pk: meter_level_at(organisation=org, meter=meter, instant=as_of)
         for org in organisations
     }

@@ -28,6 +28,12 @@ SCHEDULES = [
         60,
         "Write expiry entries for credit grants past their expiry.",
     ),
+    Planned(
+        "drain-ingest-buffer",
+        "usage.tasks.drain_ingest_buffer",
+        1,
+        "Store the events queued in the ingestion buffer (INGEST_BUFFER=redis; else a no-op).",
+    ),
 ]
 
 

@@ -17,6 +17,7 @@ during it is still stored once.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -48,28 +49,38 @@ logger = logging.getLogger(__name__)
 # a script stopped half-way (it cannot be, short of a crash) would leave events queued but not
 # remembered (stored once anyway), never remembered but not queued (lost). The shebang makes
 # Redis refuse the whole script up front when it is out of memory.
-# KEYS: the stream, then one "seen" key per event; ARGV: TTL seconds, organisation id, source,
-# then each event's JSON. Returns 1 (queued) or 0 (seen before) per event.
+# KEYS[1]: the stream. ARGV: TTL seconds, organisation id, source, the "seen" keys' prefix, the
+# idempotency keys as a JSON array, the events' JSON texts concatenated and, as a JSON array,
+# where each ends. Seven arguments whatever the batch's size: redis-py packs each argument in
+# Python, and 200 of them cost more than the script. The "seen" keys are built from the prefix,
+# so the stream and its keys must live on one Redis server (not a cluster's several shards).
+# Returns one character per event, "1" (queued) or "0" (seen before): one string is cheaper for
+# redis-py to read than a hundred integers.
 _ENQUEUE = """#!lua
+local keys = cjson.decode(ARGV[5])
+local ends = cjson.decode(ARGV[7])
+local events = ARGV[6]
 local fresh, flags = {}, {}
-for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    fresh[#fresh + 1] = ARGV[i + 2]
-    flags[i - 1] = 1
+local start = 1
+for i = 1, #keys do
+  if redis.call('EXISTS', ARGV[4] .. keys[i]) == 0 then
+    fresh[#fresh + 1] = string.sub(events, start, ends[i])
+    flags[i] = '1'
   else
-    flags[i - 1] = 0
+    flags[i] = '0'
   end
+  start = ends[i] + 1
 end
 if #fresh > 0 then
   redis.call('XADD', KEYS[1], '*', 'o', ARGV[2], 's', ARGV[3],
              'e', '[' .. table.concat(fresh, ',') .. ']')
-  for i = 2, #KEYS do
-    if flags[i - 1] == 1 then
-      redis.call('SET', KEYS[i], '1', 'EX', ARGV[1])
+  for i = 1, #keys do
+    if flags[i] == '1' then
+      redis.call('SET', ARGV[4] .. keys[i], '1', 'EX', ARGV[1])
     end
   end
 end
-return flags
+return table.concat(flags)
 """
 
 _clients: dict[str, redis.Redis] = {}
@@ -126,17 +137,20 @@ def events_enqueue(
         orjson.dumps([v.meter.pk, str(v.quantity), v.properties, v.timestamp.isoformat(), v.key])
         for v in checked.to_store.values()
     ]
+    ends = list(itertools.accumulate(len(event) for event in events))
     client = redis_client()
     try:
         flags = client.eval(
             _ENQUEUE,
-            len(keys) + 1,
+            1,
             settings.INGEST_BUFFER_STREAM,
-            *[_seen_key(organisation.pk, key) for key in keys],
             int(settings.INGEST_BUFFER_SEEN_TTL.total_seconds()),
             organisation.pk,
             source,
-            *events,
+            _seen_key(organisation.pk, ""),
+            orjson.dumps(keys),
+            b"".join(events),
+            orjson.dumps(ends),
         )
     except redis.RedisError:
         # Whether the script ran is unknown: storing directly is safe either way (the unique
@@ -148,7 +162,7 @@ def events_enqueue(
         )
     return checked.answer(
         {
-            key: ("queued" if flag else "duplicate", None)
+            key: ("queued" if flag == 49 else "duplicate", None)  # 49: b"1"
             for key, flag in zip(keys, flags, strict=True)
         }
     )

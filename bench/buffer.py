@@ -49,9 +49,9 @@ from _common import (
     cpu_delta,
     cpu_snapshot,
     database_url,
+    machine_busy_seconds,
     machine_info,
     manage,
-    postgres_pids,
 )
 from ingest import (
     KeepAliveClient,
@@ -145,6 +145,8 @@ class Bench:
     work: Path
     tally: Tally = field(default_factory=Tally)
     seed: int = 1000
+    # Every run's keys carry their own suffix: the database keeps earlier runs' events.
+    run: str = field(default_factory=lambda: f"r{int(time.time()) % 10**7}")
     queued: int = 0
     drain_env: dict[str, str] = field(default_factory=dict)
 
@@ -162,12 +164,14 @@ class Bench:
     def serve(self, env: dict[str, str]) -> Gunicorn:
         server = Gunicorn(ServerConfig.parse(self.args.config), env, self.work / "gunicorn.log")
         server.start(self.api_key)
-        warm_up(server, self.api_key, self.tally, str(self.seed))
+        self.seed += 1
+        warm_up(server, self.api_key, self.tally, f"{self.run}x{self.seed}")
         return server
 
     def api_phase(self, server: Gunicorn, name: str) -> PhaseResult:
         quiet(self.args.quiet_wait)
-        result = run_phase(server, self.api_key, self.plan(name, self.args.api_events), 120)
+        plan = self.plan(f"{name}{self.run}", self.args.api_events)
+        result = run_phase(server, self.api_key, plan, 120)
         self.tally.add(result)
         for line in describe(result):
             say(line)
@@ -202,15 +206,31 @@ def workers_start(
     ]
 
 
-def workers_stop(workers: list[subprocess.Popen[str]]) -> list[str]:
+def workers_stop(workers: list[subprocess.Popen[str]], *, wait: bool = False) -> list[str]:
+    """SIGTERM the workers (or, with `wait`, let them finish) and return their summaries."""
     outputs = []
     for worker in workers:
-        if worker.poll() is None:
+        if worker.poll() is None and not wait:
             worker.send_signal(signal.SIGTERM)
     for worker in workers:
         out, err = worker.communicate(timeout=120)
         outputs.append(out.strip() or err.strip()[-500:])
     return outputs
+
+
+def database_pids(db: str) -> list[int]:
+    """PostgreSQL's processes serving `db`, and its shared ones (WAL writer, checkpointer...):
+    other people's test databases share the server, and `postgres_pids()` would count them."""
+    with psycopg.connect(database_url(db), autocommit=True, connect_timeout=10) as conn:
+        return [
+            pid
+            for (pid,) in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE (datname = %s "
+                "AND pid <> pg_backend_pid()) OR backend_type NOT IN ('client backend', "
+                "'autovacuum worker', 'parallel worker')",
+                [db],
+            ).fetchall()
+        ]
 
 
 def drain(bench: Bench, workers: int) -> float:
@@ -224,29 +244,50 @@ def drain(bench: Bench, workers: int) -> float:
     per_entry = queued / entries
     say(f"  {entries:,} entries ({queued:,} events) queued; {workers} worker(s) start")
     quiet(bench.args.quiet_wait)
-    cpu_before = cpu_snapshot(postgres_pids())
     procs = workers_start(bench.drain_env, workers, until_empty=True)
+    pids = [proc.pid for proc in procs]
     started = time.monotonic()
+    busy_before = machine_busy_seconds()
     first: tuple[float, int] | None = None
+    cpu_before: dict[int, float] = {}
     deadline = started + 600
     while time.monotonic() < deadline:
         left = client.xlen(STREAM)
         now = time.monotonic()
         if first is None and left < entries:
             first = (now, left)
+            cpu_before = cpu_snapshot(pids + database_pids(bench.args.db))
+            busy_before = machine_busy_seconds()
         if left == 0:
             break
         time.sleep(0.05)
     done = time.monotonic()
-    cpu_pg = cpu_delta(cpu_before, cpu_snapshot(postgres_pids()))
+    cpu_after = cpu_snapshot(pids + database_pids(bench.args.db))
+    busy = machine_busy_seconds() - busy_before
+    cpu_workers = cpu_delta(cpu_before, {p: c for p, c in cpu_after.items() if p in pids})
+    cpu_pg = cpu_delta(cpu_before, {p: c for p, c in cpu_after.items() if p not in pids})
     outputs = workers_stop(procs)
     assert first is not None and client.xlen(STREAM) == 0, outputs
-    rate = first[1] * per_entry / (done - first[0])
+    drained = first[1] * per_entry
+    elapsed = done - first[0]
+    rate = drained / elapsed
     say(
-        f"  drained {first[1]:,} entries after the first ({first[1] * per_entry:,.0f} events) "
-        f"in {done - first[0]:.2f} s: {rate:,.0f} events/s "
-        f"(process start to empty: {done - started:.2f} s); postgres CPU {cpu_pg:.1f} s"
+        f"  drained {first[1]:,} entries after the first ({drained:,.0f} events) "
+        f"in {elapsed:.2f} s: {rate:,.0f} events/s "
+        f"(process start to empty: {done - started:.2f} s)"
     )
+    other = max(0.0, busy - cpu_workers - cpu_pg)
+    say(
+        f"  CPU over the drain ({2 * elapsed:.1f} core-s available): ingest_worker "
+        f"{cpu_workers:.1f} s, postgres {cpu_pg:.1f} s, everything else {other:.1f} s; per "
+        f"1,000 events: worker {cpu_workers / drained * 1e6:.2f} ms, postgres "
+        f"{cpu_pg / drained * 1e6:.2f} ms"
+    )
+    if other > 0.2 * elapsed:
+        say(
+            f"  WARNING: other processes used {other / elapsed:.2f} of the 2 cores during "
+            "the drain: the figure above is understated"
+        )
     for out in outputs:
         say(f"    {out}")
     bench.queued = 0
@@ -275,8 +316,9 @@ def lag_client(
 def lag(bench: Bench, server: Gunicorn) -> None:
     args = bench.args
     events = int(args.lag_rate * args.lag_seconds)
+    name = f"lag{bench.run}"
     plan = plan_batches(
-        "lag", events=events, batch_size=args.batch, clients=1, dup_fraction=0, seed=7
+        name, events=events, batch_size=args.batch, clients=1, dup_fraction=0, seed=7
     )
     procs = workers_start(bench.buffered_env, 2, until_empty=False)
     time.sleep(3)  # the workers are reading
@@ -337,8 +379,8 @@ def lag(bench: Bench, server: Gunicorn) -> None:
     )
     for output in outputs:
         say(f"    {output}")
-    bench.tally.unique["lag"] = events
-    bench.tally.tokens["lag"] = sum(r.tokens for r in plan.per_client[0])
+    bench.tally.unique[name] = events
+    bench.tally.tokens[name] = sum(r.tokens for r in plan.per_client[0])
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -423,7 +465,8 @@ def main() -> int:
             server.stop()
         say("\n== Buffered API (INGEST_BUFFER=redis, no consumer running)")
         server = bench.serve(buffered_env)
-        workers_stop(workers_start(bench.drain_env, 1, until_empty=True))  # the warm-up's
+        # The warm-up's entries, not measured.
+        workers_stop(workers_start(bench.drain_env, 1, until_empty=True), wait=True)
         try:
             first = bench.api_phase(server, "buffered")
             bench.queued = first.totals["accepted"]

@@ -313,10 +313,10 @@ def lag_client(
     out.put(None)
 
 
-def lag(bench: Bench, server: Gunicorn) -> None:
+def lag(bench: Bench, server: Gunicorn, rate: float) -> None:
     args = bench.args
-    events = int(args.lag_rate * args.lag_seconds)
-    name = f"lag{bench.run}"
+    events = int(rate * args.lag_seconds)
+    name = f"lag{bench.run}x{int(rate)}"
     plan = plan_batches(
         name, events=events, batch_size=args.batch, clients=1, dup_fraction=0, seed=7
     )
@@ -327,7 +327,7 @@ def lag(bench: Bench, server: Gunicorn) -> None:
     sender = ctx.Process(
         target=lag_client,
         args=(server.port, bench.api_key, plan.per_client[0]),
-        kwargs={"rate": args.lag_rate, "go": go, "out": out},
+        kwargs={"rate": rate, "go": go, "out": out},
         daemon=True,
     )
     sender.start()
@@ -420,7 +420,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=4, help="client connections")
     parser.add_argument("--batch", type=int, default=100, help="events per request")
     parser.add_argument("--api-events", type=int, default=300_000, help="events per API phase")
-    parser.add_argument("--lag-rate", type=float, default=10_000, help="events/s for the lag")
+    parser.add_argument(
+        "--lag-rate",
+        type=lambda text: [float(rate) for rate in text.split(",")],
+        default=[10_000.0, 20_000.0],
+        help="events/s sent while measuring the lag, comma-separated",
+    )
     parser.add_argument("--lag-seconds", type=float, default=20)
     parser.add_argument("--quiet-wait", type=float, default=20, help="wait for an idle machine")
     return parser.parse_args()
@@ -478,12 +483,13 @@ def main() -> int:
             rates["buffered"] = max(first.events_per_s, second.events_per_s)
             say("\n== Drain into PostgreSQL: 2 ingest_worker processes")
             rates["drain 2"] = drain(bench, 2)
-            say(
-                f"\n== Lag: buffered API at {args.lag_rate:,.0f} events/s for "
-                f"{args.lag_seconds:.0f} s, 2 workers running"
-            )
-            quiet(args.quiet_wait)
-            lag(bench, server)
+            for rate in args.lag_rate:
+                say(
+                    f"\n== Lag: buffered API at {rate:,.0f} events/s for "
+                    f"{args.lag_seconds:.0f} s, 2 workers running"
+                )
+                quiet(args.quiet_wait)
+                lag(bench, server, rate)
         finally:
             server.stop()
         say("\n== Verification")

@@ -413,6 +413,45 @@ def test_a_consumer_killed_before_acknowledging_is_taken_over_without_double_cou
     assert group_pending(buffered) == 0
 
 
+@pytest.mark.redis
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ingest_worker_stores_until_signalled_then_exits_cleanly(buffered, signum):
+    org = make_organisation()
+    meter = make_meter("sum", property="tokens")
+    worker = subprocess.Popen(
+        [sys.executable, "manage.py", "ingest_worker", "--name", "w1"],
+        cwd=REPO,
+        env=app_env(database_url_of_tests(), buffered),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for batch in range(5):
+            events_enqueue(
+                organisation=org, payloads=[event(meter, f"k{batch}-{i}", i) for i in range(50)]
+            )
+        deadline = time.monotonic() + 30
+        while UsageEvent.objects.filter(organisation=org).count() < 250:
+            assert time.monotonic() < deadline, "the worker stored nothing"
+            time.sleep(0.1)
+    finally:
+        worker.send_signal(signum)
+        out, err = worker.communicate(timeout=30)
+
+    assert worker.returncode == 0, err
+    assert out.startswith("w1: ") and "250 stored, 0 already stored" in out
+    assert sum(stored(org).values()) == 5 * sum(range(50))
+    assert group_pending(buffered) == 0
+    # A consumer that stops holding nothing leaves the group.
+    consumers = redis.Redis.from_url(settings.REDIS_URL).xinfo_consumers(
+        buffered, settings.INGEST_BUFFER_GROUP
+    )
+    assert consumers == []
+
+
 def copy_rows(source_url, target, tables):
     """The rows of `tables` (organisations, meters), ids kept, into the private cluster."""
     with psycopg.connect(source_url) as source, target.connect() as sink:

@@ -38,6 +38,7 @@ from usage.models import UsageEvent
 from usage.services import (
     EventResult,
     QueuedEvent,
+    ReceiverFailedError,
     events_store_checked,
     events_store_queued,
     events_validate,
@@ -243,7 +244,8 @@ def buffer_drain(*, consumer: str, count: int | None = None, block_ms: int = 0) 
 
     An entry that cannot be stored by itself (undecodable, or refused by the database for a
     reason other than a lost connection) is moved to the `<stream>:dead` stream with the error,
-    so that it blocks nothing; a lost connection raises, leaving the batch pending.
+    so that it blocks nothing. A lost connection, or an `events_stored` receiver that raised,
+    raises here, leaving the batch pending: the events are fine, and are stored on a later try.
     """
     client = redis_client()
     count = count or settings.INGEST_BUFFER_BATCH
@@ -265,7 +267,7 @@ def buffer_drain(*, consumer: str, count: int | None = None, block_ms: int = 0) 
     ]
     try:
         inserted = events_store_queued(events=events, now=timezone.now())
-    except (OperationalError, InterfaceError):
+    except (OperationalError, InterfaceError, ReceiverFailedError):
         raise
     except DatabaseError:
         # One bad entry must not hold the others back: store them one by one.
@@ -275,7 +277,7 @@ def buffer_drain(*, consumer: str, count: int | None = None, block_ms: int = 0) 
                 continue
             try:
                 inserted += events_store_queued(events=batch, now=timezone.now())
-            except (OperationalError, InterfaceError):
+            except (OperationalError, InterfaceError, ReceiverFailedError):
                 raise
             except DatabaseError as error:
                 dead.append((entry_id, f"refused by the database: {error}"))
@@ -317,8 +319,10 @@ def buffer_consume(
     on_batch: Callable[[Drained], None] | None = None,
 ) -> ConsumeTotals:
     """Drain batches until `should_stop()` (checked between batches) or, with `until_empty`,
-    until a read finds nothing. A lost Redis or database connection is retried, with a pause
-    growing to 5 s; the batch in hand stays pending and is re-read first."""
+    until a read finds nothing. A lost Redis or database connection, or any other failure (an
+    `events_stored` receiver's bug), is logged and retried with a pause growing to 5 s; the
+    batch in hand stays pending and is re-read first. Queued events wait in Redis, never
+    dropped, until they can be stored."""
     client = redis_client()
     totals = ConsumeTotals()
     pause = 0.1
@@ -341,6 +345,12 @@ def buffer_consume(
             logger.warning("ingestion buffer: %s; retrying in %.1f s", error, pause)
             # A connection broken by a database restart is not reused.
             connection.close()
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+            continue
+        except Exception:
+            totals.failures += 1
+            logger.exception("ingestion buffer: storing failed; retrying in %.1f s", pause)
             time.sleep(pause)
             pause = min(pause * 2, 5.0)
             continue

@@ -417,6 +417,10 @@ def _insert_postgresql(
         return dict(cursor.fetchall())
 
 
+class ReceiverFailedError(RuntimeError):
+    """An `events_stored` receiver raised while queued events were stored: nothing was stored."""
+
+
 @dataclass(frozen=True, slots=True)
 class QueuedEvent:
     """A validated event read back from the ingestion buffer, as text ready for `COPY`."""
@@ -450,7 +454,12 @@ def events_store_queued(*, events: Sequence[QueuedEvent], now: datetime) -> int:
             inserted = _insert_queued_portable(events, now)
             count = len(inserted)
         if inserted and heard:
-            _stored_send_all(inserted)
+            try:
+                _stored_send_all(inserted)
+            except Exception as error:
+                # Rolls the events back with the receivers' writes; told apart from a refusal
+                # of the events themselves, which the buffer would set aside.
+                raise ReceiverFailedError(str(error)) from error
     return count
 
 

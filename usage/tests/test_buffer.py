@@ -25,9 +25,10 @@ from django.core.management.base import CommandError
 from django.db import connection
 from django.utils import timezone
 
+from accounts.models import Organisation
 from accounts.tests.factories import make_api_key, make_organisation
 from usage import buffer
-from usage.buffer import buffer_backlog, buffer_drain, events_enqueue
+from usage.buffer import buffer_backlog, buffer_consume, buffer_drain, events_enqueue
 from usage.models import UsageEvent
 from usage.services import events_ingest
 from usage.signals import events_stored
@@ -267,6 +268,39 @@ def test_an_entry_the_database_refuses_is_dead_lettered_and_the_rest_stored(buff
         b"undecodable",
         b"refused by the database",
     ]
+    assert buffer_backlog() == 0
+    assert group_pending(buffered) == 0
+
+
+@pytest.mark.redis
+@pytest.mark.django_db
+def test_a_failing_receiver_rolls_back_the_batch_which_is_stored_on_the_next_try(buffered):
+    """events_stored receivers write in the consumer's transaction; the entries are acknowledged
+    only after it commits."""
+    org = make_organisation()
+    meter = make_meter("sum", property="tokens")
+    events_enqueue(organisation=org, payloads=[event(meter, f"k{i}", i) for i in range(1, 11)])
+    calls = []
+
+    def receiver(sender, organisation, events, **kwargs):
+        calls.append(len(events))
+        Organisation.objects.create(name="outbox row", slug=f"outbox-{len(calls)}")
+        if len(calls) == 1:
+            raise RuntimeError("the receiver's bug")
+
+    events_stored.connect(receiver, sender=UsageEvent, weak=False)
+    try:
+        totals = buffer_consume(consumer="c1", should_stop=lambda: False, until_empty=True)
+    finally:
+        events_stored.disconnect(receiver, sender=UsageEvent)
+
+    assert (totals.failures, totals.batches, totals.inserted, totals.dead) == (1, 1, 10, 0)
+    assert calls == [10, 10]
+    # The first try's outbox row went with its events; the second try's committed with them.
+    assert list(Organisation.objects.filter(name="outbox row").values_list("slug", flat=True)) == [
+        "outbox-2"
+    ]
+    assert sum(stored(org).values()) == sum(range(1, 11))
     assert buffer_backlog() == 0
     assert group_pending(buffered) == 0
 

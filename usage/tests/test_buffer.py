@@ -4,7 +4,9 @@ Redis is real (REDIS_URL, a stream of this test's own), and so are the servers t
 kill: a private redis-server and a private PostgreSQL cluster started by the test.
 """
 
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -316,6 +318,38 @@ def test_the_scheduled_task_drains_the_buffer(buffered):
 
     assert summary == "stored 10 of 10 events read in 1 batches"
     assert sum(stored(org).values()) == Decimal(45)
+
+
+@pytest.mark.redis
+@pytest.mark.django_db
+def test_the_worker_reports_its_rate_backlog_and_lag(buffered, caplog):
+    org = make_organisation()
+    meter = make_meter("sum", property="tokens")
+    events_enqueue(organisation=org, payloads=[event(meter, f"k{i}", i) for i in range(10)])
+
+    def slow_receiver(sender, **kwargs):
+        time.sleep(1.1)  # the batch takes longer than --report-seconds
+
+    events_stored.connect(slow_receiver, sender=UsageEvent, weak=False)
+    out = io.StringIO()
+    try:
+        with caplog.at_level(logging.INFO, logger="usage.management.commands.ingest_worker"):
+            call_command(
+                "ingest_worker",
+                "--until-empty",
+                "--name",
+                "w9",
+                "--report-seconds",
+                "1",
+                stdout=out,
+            )
+    finally:
+        events_stored.disconnect(slow_receiver, sender=UsageEvent)
+
+    [report] = [r.getMessage() for r in caplog.records if "events stored in" in r.getMessage()]
+    assert report.startswith("w9: 10 events stored in 1 s (")
+    assert ", 0 entries queued, longest queued-to-stored " in report
+    assert out.getvalue().startswith("w9: 1 batches, 10 events read, 10 stored, 0 already stored")
 
 
 @pytest.mark.django_db

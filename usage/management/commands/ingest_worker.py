@@ -12,7 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from usage.buffer import Drained, buffer_consume, consumer_name
+from usage.buffer import Drained, buffer_backlog, buffer_consume, consumer_name
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--until-empty", action="store_true", help="Stop when a read finds nothing."
         )
+        parser.add_argument(
+            "--report-seconds",
+            type=int,
+            default=60,
+            help="Log the rate, the backlog and the lag this often (0: never).",
+        )
 
     def handle(self, *args: object, **options: Any) -> None:
         if settings.INGEST_BUFFER != "redis":
@@ -44,27 +50,51 @@ class Command(BaseCommand):
         def stop(signum: int, frame: FrameType | None) -> None:
             stopping.append(signum)
 
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
+        previous = {
+            signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)
+        }
         name = options["name"] or consumer_name()
         lag_ms = [0]
+        every = options["report_seconds"]
+        window = {"since": time.monotonic(), "inserted": 0, "lag": 0}
 
         def on_batch(drained: Drained) -> None:
             if drained.oldest_ms is not None:
-                lag_ms[0] = max(lag_ms[0], int(time.time() * 1000) - drained.oldest_ms)
+                lag = int(time.time() * 1000) - drained.oldest_ms
+                lag_ms[0] = max(lag_ms[0], lag)
+                window["lag"] = max(window["lag"], lag)
+            window["inserted"] += drained.inserted
+            seconds = time.monotonic() - window["since"]
+            if every and seconds >= every:
+                # What an operator watches: the rate, the backlog, the delay to visibility.
+                logger.info(
+                    "%s: %d events stored in %.0f s (%.0f/s), %d entries queued, longest "
+                    "queued-to-stored %d ms",
+                    name,
+                    window["inserted"],
+                    seconds,
+                    window["inserted"] / seconds,
+                    buffer_backlog(),
+                    window["lag"],
+                )
+                window.update(since=time.monotonic(), inserted=0, lag=0)
 
         began = time.monotonic()
         self.stderr.write(
             f"ingest_worker {name}: reading {settings.INGEST_BUFFER_STREAM} "
             f"as group {settings.INGEST_BUFFER_GROUP}"
         )
-        totals = buffer_consume(
-            consumer=name,
-            should_stop=lambda: bool(stopping),
-            until_empty=options["until_empty"],
-            count=options["batch"] or None,
-            on_batch=on_batch,
-        )
+        try:
+            totals = buffer_consume(
+                consumer=name,
+                should_stop=lambda: bool(stopping),
+                until_empty=options["until_empty"],
+                count=options["batch"] or None,
+                on_batch=on_batch,
+            )
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         seconds = time.monotonic() - began
         self.stdout.write(
             f"{name}: {totals.batches} batches, {totals.events} events read, "

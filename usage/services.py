@@ -166,7 +166,7 @@ def events_store_checked(
         # Receivers write in the storing transaction (an outbox row commits with its event).
         with transaction.atomic():
             stored = _insert(organisation, ordered, now, source)
-            events_stored_send(organisation=organisation, events=ordered, stored=stored)
+            _events_stored_send(organisation=organisation, events=ordered, stored=stored)
     else:
         stored = _insert(organisation, ordered, now, source)
     already = set(to_store) - stored.keys()
@@ -186,7 +186,7 @@ def events_store_checked(
     return checked.answer(status_of)
 
 
-def events_stored_send(
+def _events_stored_send(
     *, organisation: Organisation, events: Sequence[ValidEvent], stored: Mapping[str, int]
 ) -> None:
     """Send `events_stored` for those of `events` just inserted ({key: id} in `stored`)."""

@@ -14,7 +14,12 @@ from pathlib import Path
 import psycopg
 import redis
 
-PG_BIN = next(Path("/usr/lib/postgresql").glob("*/bin"), Path("/usr/bin"))
+# The newest installed server's programs (pg_dump must not be older than the server it reads).
+PG_BIN = max(
+    Path("/usr/lib/postgresql").glob("*/bin"),
+    key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else 0,
+    default=Path("/usr/bin"),
+)
 
 
 def free_port() -> int:

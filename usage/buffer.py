@@ -296,6 +296,26 @@ def buffer_drain(*, consumer: str, count: int | None = None, block_ms: int = 0) 
     return Drained(len(entries), len(events), inserted, len(dead), oldest)
 
 
+def buffer_requeue_dead() -> int:
+    """Put the entries set aside in `<stream>:dead` back in the stream; return how many.
+
+    For after the cause is fixed. Each entry moves in one MULTI (appended, then removed from
+    the dead stream); one stored meanwhile by other means is skipped by the unique constraint.
+    """
+    client = redis_client()
+    stream = settings.INGEST_BUFFER_STREAM
+    moved = 0
+    dead: Any = client.xrange(f"{stream}:dead")
+    for entry_id, fields in dead:
+        original: dict[Any, Any] = {n: fields[n] for n in (b"o", b"s", b"e") if n in fields}
+        with client.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, original)
+            pipe.xdel(f"{stream}:dead", entry_id)
+            pipe.execute()
+        moved += 1
+    return moved
+
+
 def buffer_backlog() -> int:
     """Entries in the stream: queued or being stored (acknowledged entries are deleted)."""
     return int(redis_client().xlen(settings.INGEST_BUFFER_STREAM))

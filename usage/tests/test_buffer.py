@@ -273,6 +273,24 @@ def test_an_entry_the_database_refuses_is_dead_lettered_and_the_rest_stored(buff
     assert buffer_backlog() == 0
     assert group_pending(buffered) == 0
 
+    # Once the cause is fixed (here: the garbage made readable), the dead entries go back.
+    client.xadd(
+        f"{buffered}:dead",
+        {
+            "o": org.pk,
+            "s": "api",
+            "e": json.dumps([[meter.pk, "7", {}, timezone.now().isoformat(), "late"]]),
+        },
+    )
+    out = io.StringIO()
+    call_command("ingest_worker", "--requeue-dead", stdout=out)
+    assert out.getvalue() == f"3 entries put back in {buffered}\n"
+    assert client.xlen(f"{buffered}:dead") == 0
+    drained = buffer_drain(consumer="c1")
+    assert (drained.entries, drained.inserted, drained.dead) == (3, 1, 2)
+    assert stored()["late"] == Decimal(7)
+    assert client.xlen(f"{buffered}:dead") == 2  # still refused: set aside again
+
 
 @pytest.mark.redis
 @pytest.mark.django_db

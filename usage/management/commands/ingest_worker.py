@@ -12,7 +12,13 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from usage.buffer import Drained, buffer_backlog, buffer_consume, consumer_name
+from usage.buffer import (
+    Drained,
+    buffer_backlog,
+    buffer_consume,
+    buffer_requeue_dead,
+    consumer_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,11 @@ class Command(BaseCommand):
             "--until-empty", action="store_true", help="Stop when a read finds nothing."
         )
         parser.add_argument(
+            "--requeue-dead",
+            action="store_true",
+            help="Put the entries set aside in <stream>:dead back in the stream, then exit.",
+        )
+        parser.add_argument(
             "--report-seconds",
             type=int,
             default=60,
@@ -45,6 +56,10 @@ class Command(BaseCommand):
             raise CommandError(
                 "The ingestion buffer is off: set INGEST_BUFFER=redis (and REDIS_URL)."
             )
+        if options["requeue_dead"]:
+            moved = buffer_requeue_dead()
+            self.stdout.write(f"{moved} entries put back in {settings.INGEST_BUFFER_STREAM}")
+            return
         stopping: list[int] = []
 
         def stop(signum: int, frame: FrameType | None) -> None:

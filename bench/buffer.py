@@ -165,7 +165,11 @@ class Bench:
         server = Gunicorn(ServerConfig.parse(self.args.config), env, self.work / "gunicorn.log")
         server.start(self.api_key)
         self.seed += 1
-        warm_up(server, self.api_key, self.tally, f"{self.run}x{self.seed}")
+        try:
+            warm_up(server, self.api_key, self.tally, f"{self.run}x{self.seed}")
+        except BaseException:
+            server.stop()
+            raise
         return server
 
     def api_phase(self, server: Gunicorn, name: str) -> PhaseResult:

@@ -27,6 +27,7 @@ import argparse
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -504,6 +505,10 @@ def main() -> int:
     say("\n== Summary (events/s)")
     for name, rate in rates.items():
         say(f"  {name:<10} {rate:>10,.0f}")
+    if ok:
+        shutil.rmtree(bench.work, ignore_errors=True)  # gunicorn's log; kept after a failure
+    else:
+        say(f"  gunicorn's log: {bench.work / 'gunicorn.log'}")
     return 0 if ok else 1
 
 

@@ -275,6 +275,10 @@ def drain(bench: Bench, workers: int) -> float:
     assert first is not None and client.xlen(STREAM) == 0, outputs
     drained = first[1] * per_entry
     elapsed = done - first[0]
+    if not drained:
+        say("  too few entries to measure: drained in one read (use a larger --api-events)")
+        bench.queued = 0
+        return 0.0
     rate = drained / elapsed
     say(
         f"  drained {first[1]:,} entries after the first ({drained:,.0f} events) "

@@ -316,7 +316,8 @@ def client_main(
         answer = orjson.loads(data)
         totals["requests_ok"] += 1
         totals["events_ok"] += request.events
-        totals["accepted"] += answer["accepted"]
+        # With the ingestion buffer on, new events are answered `queued`: counted here too.
+        totals["accepted"] += answer["accepted"] + answer.get("queued", 0)
         totals["duplicates"] += answer["duplicates"]
         totals["rejected"] += answer["rejected"]
         totals["expected_fresh"] += request.fresh

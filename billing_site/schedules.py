@@ -34,6 +34,12 @@ SCHEDULES = [
         1,
         "Evaluate every alert rule; fire newly crossed thresholds; send or retry notifications.",
     ),
+    Planned(
+        "drain-ingest-buffer",
+        "usage.tasks.drain_ingest_buffer",
+        1,
+        "Store the events queued in the ingestion buffer (INGEST_BUFFER=redis; else a no-op).",
+    ),
 ]
 
 

@@ -190,6 +190,34 @@ INGEST_MAX_PAST = timedelta(days=env.int("INGEST_MAX_PAST_DAYS", default=35))
 INGEST_MAX_FUTURE = timedelta(seconds=env.int("INGEST_MAX_FUTURE_SECONDS", default=300))
 INGEST_MAX_BATCH = env.int("INGEST_MAX_BATCH", default=1000)
 INGEST_MAX_BODY_BYTES = env.int("INGEST_MAX_BODY_BYTES", default=5 * 1024 * 1024)
+# The ingestion buffer (README: "The ingestion buffer").
+# "redis": the HTTP API queues events in a Redis stream and `manage.py ingest_worker` (or the
+# drain-ingest-buffer schedule) stores them; "": the API writes straight to the database.
+INGEST_BUFFER = env.str("INGEST_BUFFER", default="")
+if INGEST_BUFFER not in {"", "redis"}:
+    raise ImproperlyConfigured('INGEST_BUFFER is "" (off) or "redis".')
+if INGEST_BUFFER and not REDIS_URL:
+    raise ImproperlyConfigured("INGEST_BUFFER=redis needs REDIS_URL.")
+INGEST_BUFFER_STREAM = env.str("INGEST_BUFFER_STREAM", default="meterline:events")
+INGEST_BUFFER_GROUP = env.str("INGEST_BUFFER_GROUP", default="meterline-ingest")
+# Stream entries per read; an entry is one API request (up to INGEST_MAX_BATCH events).
+INGEST_BUFFER_BATCH = env.int("INGEST_BUFFER_BATCH", default=50)
+# A consumer waits this long for new entries before checking for a stop signal.
+INGEST_BUFFER_BLOCK_MS = env.int("INGEST_BUFFER_BLOCK_MS", default=1000)
+# An entry read but not acknowledged for this long belongs to a dead consumer: another claims it.
+# Longer than a batch ever takes to store, or two consumers store it (harmless, but wasted).
+INGEST_BUFFER_CLAIM_IDLE = timedelta(
+    seconds=env.int("INGEST_BUFFER_CLAIM_IDLE_SECONDS", default=60)
+)
+# The buffer answers `duplicate` for a key it queued within this time (PostgreSQL's unique
+# constraint decides after it, and alone if the key is forgotten). At least the acceptance
+# window: a retry passes validation only while its timestamp is inside it (a day more by
+# default, for events dated up to INGEST_MAX_FUTURE ahead).
+INGEST_BUFFER_SEEN_TTL = timedelta(
+    days=env.int("INGEST_BUFFER_SEEN_DAYS", default=INGEST_MAX_PAST.days + 1)
+)
+if INGEST_BUFFER_SEEN_TTL < INGEST_MAX_PAST:
+    raise ImproperlyConfigured("INGEST_BUFFER_SEEN_DAYS must be at least INGEST_MAX_PAST_DAYS.")
 # An API key's last_used_at is written at most this often, not on every request.
 API_KEY_LAST_USED_INTERVAL = timedelta(seconds=env.int("API_KEY_LAST_USED_SECONDS", default=60))
 # Each process remembers a verified key this long: a revocation reaches other processes within it.

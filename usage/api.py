@@ -19,6 +19,7 @@ from accounts.models import APIKey
 from core.errors import ApiError
 from core.periods import Period, bucket_count
 from usage.aggregation import format_quantity
+from usage.buffer import buffer_enabled, events_enqueue
 from usage.selectors import meter_list, meters_by_code, usage_series, usage_total
 from usage.services import events_ingest
 
@@ -53,7 +54,7 @@ class EventBatchIn(Schema):
 
 class EventResultOut(Schema):
     index: int
-    status: Literal["accepted", "duplicate", "rejected"]
+    status: Literal["accepted", "queued", "duplicate", "rejected"]
     idempotency_key: str | None = None
     id: int | None = None
     code: str | None = None
@@ -62,6 +63,7 @@ class EventResultOut(Schema):
 
 class IngestResponse(Schema):
     accepted: int
+    queued: int | None = Field(None, description="With the ingestion buffer on only.")
     duplicates: int
     rejected: int
     results: list[EventResultOut]
@@ -125,6 +127,8 @@ def _finite_float(text: str) -> float | Decimal:
         'The body is one event, or `{"events": [...]}` with up to 1,000 events. Each event gets '
         "its own result: `accepted`, `duplicate` (its idempotency_key was seen before; counted "
         "once) or `rejected` with a code. Valid events are stored even when others are rejected. "
+        "With the ingestion buffer on (INGEST_BUFFER=redis), new events are answered `queued`: "
+        "validated and kept, stored within seconds. "
         "200: none rejected; 207: some rejected; 422: all rejected."
     ),
     openapi_extra={
@@ -164,12 +168,16 @@ def events_create(request: HttpRequest) -> HttpResponse:
                 f"this one has {len(events)}. Nothing was stored.",
             )
         payloads = events
-    results = events_ingest(organisation=api_key.organisation, payloads=payloads)
-    counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+    buffered = buffer_enabled()
+    ingest = events_enqueue if buffered else events_ingest
+    results = ingest(organisation=api_key.organisation, payloads=payloads)
+    counts = {"accepted": 0, "queued": 0, "duplicate": 0, "rejected": 0}
     for result in results:
         counts[result.status] += 1
-    body: dict[str, Any] = {
-        "accepted": counts["accepted"],
+    body: dict[str, Any] = {"accepted": counts["accepted"]}
+    if buffered:
+        body["queued"] = counts["queued"]
+    body |= {
         "duplicates": counts["duplicate"],
         "rejected": counts["rejected"],
         "results": [result.as_dict() for result in results],

@@ -46,7 +46,7 @@ class EventResult:
     """What became of one submitted event."""
 
     index: int
-    status: str  # "accepted", "duplicate" or "rejected"
+    status: str  # "accepted", "queued" (in the ingestion buffer), "duplicate" or "rejected"
     idempotency_key: str | None = None
     event_id: int | None = None
     code: str | None = None
@@ -65,7 +65,9 @@ class EventResult:
 
 
 @dataclass(slots=True)
-class _Valid:
+class ValidEvent:
+    """An event that passed validation: what is stored, whichever path stores it."""
+
     index: int
     key: str
     meter: Meter
@@ -94,6 +96,38 @@ def events_ingest(
     lifts the lower bound of the acceptance window (history imports); the upper bound stays.
     """
     now = now or timezone.now()
+    checked = events_validate(payloads=payloads, now=now, allow_backdated=allow_backdated)
+    return events_store_checked(organisation=organisation, checked=checked, now=now, source=source)
+
+
+@dataclass(slots=True)
+class CheckedBatch:
+    """A validated batch: the rejections answered, the events to store, the in-batch repeats."""
+
+    results: list[EventResult | None]  # the rejections; None where the event is valid
+    to_store: dict[str, ValidEvent]  # by key, first copy of each key, in submission order
+    repeats: list[ValidEvent]  # same key twice in one batch: the later copies are duplicates
+
+    def answer(self, status_of: Mapping[str, tuple[str, int | None]]) -> list[EventResult]:
+        """Fill in each valid event's result from {key: (status, id)}; repeats are duplicates."""
+        results = self.results
+        for key, valid in self.to_store.items():
+            status, event_id = status_of[key]
+            results[valid.index] = EventResult(valid.index, status, key, event_id)
+        for valid in self.repeats:
+            _, event_id = status_of[valid.key]
+            results[valid.index] = EventResult(valid.index, "duplicate", valid.key, event_id)
+        return [result for result in results if result is not None]
+
+
+def events_validate(
+    *, payloads: Sequence[object], now: datetime, allow_backdated: bool = False
+) -> CheckedBatch:
+    """Check every payload as the API does, without storing anything.
+
+    The one validation of every ingestion path: direct (`events_ingest`) and buffered
+    (`usage.buffer.events_enqueue`) answer the same codes for the same events.
+    """
     earliest = None if allow_backdated else now - settings.INGEST_MAX_PAST
     latest = now + settings.INGEST_MAX_FUTURE
     meters = meters_by_code(
@@ -101,10 +135,7 @@ def events_ingest(
         for payload in payloads
         if isinstance(payload, dict) and isinstance(payload.get("event_name"), str)
     )
-
-    results: list[EventResult | None] = [None] * len(payloads)
-    to_store: dict[str, _Valid] = {}
-    repeats: list[_Valid] = []  # same key twice in one batch: the later copies are duplicates
+    checked = CheckedBatch([None] * len(payloads), {}, [])
     for index, payload in enumerate(payloads):
         key = _key_of(payload)
         try:
@@ -112,15 +143,22 @@ def events_ingest(
                 index, payload, meters=meters, earliest=earliest, latest=latest, now=now
             )
         except _Rejection as rejection:
-            results[index] = EventResult(
+            checked.results[index] = EventResult(
                 index, "rejected", key, code=rejection.code, message=rejection.message
             )
             continue
-        if valid.key in to_store:
-            repeats.append(valid)
+        if valid.key in checked.to_store:
+            checked.repeats.append(valid)
         else:
-            to_store[valid.key] = valid
+            checked.to_store[valid.key] = valid
+    return checked
 
+
+def events_store_checked(
+    *, organisation: Organisation, checked: CheckedBatch, now: datetime, source: str
+) -> list[EventResult]:
+    """Store a validated batch straight into the database; answer `accepted` or `duplicate`."""
+    to_store = checked.to_store
     # Inserted in key order: two requests with overlapping keys then take the unique index's
     # locks in the same order and wait for each other instead of deadlocking.
     ordered = sorted(to_store.values(), key=lambda v: v.key)
@@ -128,16 +166,7 @@ def events_ingest(
         # Receivers write in the storing transaction (an outbox row commits with its event).
         with transaction.atomic():
             stored = _insert(organisation, ordered, now, source)
-            if stored:
-                events_stored.send(
-                    sender=UsageEvent,
-                    organisation=organisation,
-                    events=[
-                        StoredEvent(stored[v.key], v.meter, v.timestamp, v.quantity, v.key)
-                        for v in ordered
-                        if v.key in stored
-                    ],
-                )
+            _events_stored_send(organisation=organisation, events=ordered, stored=stored)
     else:
         stored = _insert(organisation, ordered, now, source)
     already = set(to_store) - stored.keys()
@@ -150,15 +179,27 @@ def events_ingest(
         if already
         else {}
     )
-    for key, valid in to_store.items():
-        if key in stored:
-            results[valid.index] = EventResult(valid.index, "accepted", key, stored[key])
-        else:
-            results[valid.index] = EventResult(valid.index, "duplicate", key, existing.get(key))
-    for valid in repeats:
-        event_id = stored.get(valid.key) or existing.get(valid.key)
-        results[valid.index] = EventResult(valid.index, "duplicate", valid.key, event_id)
-    return [result for result in results if result is not None]
+    status_of: dict[str, tuple[str, int | None]] = {
+        key: ("accepted", stored[key]) if key in stored else ("duplicate", existing.get(key))
+        for key in to_store
+    }
+    return checked.answer(status_of)
+
+
+def _events_stored_send(
+    *, organisation: Organisation, events: Sequence[ValidEvent], stored: Mapping[str, int]
+) -> None:
+    """Send `events_stored` for those of `events` just inserted ({key: id} in `stored`)."""
+    if stored:
+        events_stored.send(
+            sender=UsageEvent,
+            organisation=organisation,
+            events=[
+                StoredEvent(stored[v.key], v.meter, v.timestamp, v.quantity, v.key)
+                for v in events
+                if v.key in stored
+            ],
+        )
 
 
 def _key_of(payload: object) -> str | None:
@@ -177,7 +218,7 @@ def _validate(
     earliest: datetime | None,
     latest: datetime,
     now: datetime,
-) -> _Valid:
+) -> ValidEvent:
     if not isinstance(payload, dict):
         raise _Rejection("invalid_event", "An event is a JSON object.")
     unknown = payload.keys() - EVENT_FIELDS
@@ -248,7 +289,7 @@ def _validate(
         raise _Rejection(
             "invalid_properties", f"properties is larger than {MAX_PROPERTIES_BYTES} bytes."
         )
-    return _Valid(index, key, meter, quantity, properties, timestamp)
+    return ValidEvent(index, key, meter, quantity, properties, timestamp)
 
 
 def _parse_timestamp(raw: object, now: datetime) -> datetime:
@@ -295,7 +336,7 @@ def _columns_sql() -> str:
 
 
 def _insert(
-    organisation: Organisation, events: list[_Valid], now: datetime, source: str
+    organisation: Organisation, events: list[ValidEvent], now: datetime, source: str
 ) -> dict[str, int]:
     """Insert events, skipping keys already stored; return {key: id} of the rows inserted.
 
@@ -341,7 +382,7 @@ def _insert(
 
 
 def _insert_postgresql(
-    organisation: Organisation, events: list[_Valid], now: datetime, source: str
+    organisation: Organisation, events: list[ValidEvent], now: datetime, source: str
 ) -> dict[str, int]:
     """One statement for the whole batch: five arrays unnested, bound by the server.
 
@@ -374,6 +415,158 @@ def _insert_postgresql(
     with connection.wrap_database_errors, connection.connection.cursor() as cursor:
         cursor.execute(sql, params)
         return dict(cursor.fetchall())
+
+
+class ReceiverFailedError(RuntimeError):
+    """An `events_stored` receiver raised while queued events were stored: nothing was stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedEvent:
+    """A validated event read back from the ingestion buffer, as text ready for `COPY`."""
+
+    organisation_id: int
+    meter_id: int
+    quantity: str
+    properties: str  # JSON text
+    timestamp: str  # ISO 8601 with offset
+    idempotency_key: str
+    source: str
+
+
+def events_store_queued(*, events: Sequence[QueuedEvent], now: datetime) -> int:
+    """Store events the buffer accepted earlier, skipping keys already stored; return how many
+    were inserted. `events_stored` is sent, per organisation, in the storing transaction.
+
+    Events arrive here already validated (by `events_validate`, when the API queued them) and
+    may arrive twice (a consumer that died before acknowledging): the unique constraint decides.
+    `now` becomes `received_at`, the moment the event became visible to a period close, not the
+    moment it was queued: a close's cutoff assumes that what was received before it has
+    committed within BILLING_CUTOFF_SETTLE, which a backlog in the buffer would break.
+    """
+    if not events:
+        return 0
+    heard = events_stored.has_listeners(UsageEvent)
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            count, inserted = _copy_insert_postgresql(events, now, returning=heard)
+        else:
+            inserted = _insert_queued_portable(events, now)
+            count = len(inserted)
+        if inserted and heard:
+            try:
+                _stored_send_all(inserted)
+            except Exception as error:
+                # Rolls the events back with the receivers' writes; told apart from a refusal
+                # of the events themselves, which the buffer would set aside.
+                raise ReceiverFailedError(str(error)) from error
+    return count
+
+
+# (organisation id, key, id, meter id, timestamp, quantity) of each inserted row
+_Inserted = tuple[int, str, int, int, datetime, Decimal]
+
+_STAGING = "usage_buffer_staging"
+
+
+def _copy_insert_postgresql(
+    events: Sequence[QueuedEvent], now: datetime, *, returning: bool
+) -> tuple[int, list[_Inserted]]:
+    """COPY into a temporary staging table, then one INSERT ... ON CONFLICT DO NOTHING.
+
+    The staging table lives as long as the connection (created when missing, so a reconnect
+    after a PostgreSQL restart recreates it) and empties itself at each commit. COPY is the
+    cheapest way in for thousands of rows; the INSERT keeps the one rule of idempotency.
+    The inserted rows are read back only for `events_stored` receivers: parsing them cost the
+    consumer more CPU than the COPY.
+    """
+    meta = UsageEvent._meta
+    qn = connection.ops.quote_name
+    connection.ensure_connection()
+    with connection.wrap_database_errors, connection.connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (seq integer, organisation_id bigint, "
+            "meter_id bigint, quantity numeric, properties text, ts timestamptz, "
+            "idempotency_key text, source text) ON COMMIT DELETE ROWS"
+        )
+        with cursor.copy(
+            f"COPY {_STAGING} (seq, organisation_id, meter_id, quantity, properties, ts, "
+            "idempotency_key, source) FROM STDIN"
+        ) as copy:
+            for seq, event in enumerate(events):
+                copy.write_row(
+                    (
+                        seq,
+                        event.organisation_id,
+                        event.meter_id,
+                        event.quantity,
+                        event.properties,
+                        event.timestamp,
+                        event.idempotency_key,
+                        event.source,
+                    )
+                )
+        # DISTINCT ON keeps the first queued copy of a key; the order by (organisation, key)
+        # takes the unique index's locks in the order every other writer takes them.
+        cursor.execute(
+            f"INSERT INTO {qn(meta.db_table)} ({_columns_sql()}) "  # noqa: S608
+            "SELECT DISTINCT ON (organisation_id, idempotency_key) organisation_id, meter_id, "
+            "quantity, properties::jsonb, ts, %s, idempotency_key, source, ts < %s "
+            f"FROM {_STAGING} ORDER BY organisation_id, idempotency_key, seq "
+            f"ON CONFLICT ({qn('organisation_id')}, {qn('idempotency_key')}) DO NOTHING "
+            + (
+                f"RETURNING {qn('organisation_id')}, {qn('idempotency_key')}, {qn('id')}, "
+                f"{qn('meter_id')}, {qn('timestamp')}, {qn('quantity')}"
+                if returning
+                else ""
+            ),
+            [now, now - settings.INGEST_DELAYED_AFTER],
+        )
+        rows: list[_Inserted] = cursor.fetchall() if returning else []
+        return cursor.rowcount, rows
+
+
+def _insert_queued_portable(events: Sequence[QueuedEvent], now: datetime) -> list[_Inserted]:
+    """The normal insert path (`_insert`), per organisation: SQLite has no COPY."""
+    meters = Meter.objects.in_bulk({event.meter_id for event in events})
+    by_organisation: dict[int, dict[str, ValidEvent]] = {}
+    sources: dict[int, str] = {}
+    for index, event in enumerate(events):
+        batch = by_organisation.setdefault(event.organisation_id, {})
+        sources.setdefault(event.organisation_id, event.source)
+        if event.idempotency_key not in batch:
+            batch[event.idempotency_key] = ValidEvent(
+                index,
+                event.idempotency_key,
+                meters[event.meter_id],
+                Decimal(event.quantity),
+                orjson.loads(event.properties),
+                datetime.fromisoformat(event.timestamp),
+            )
+    inserted: list[_Inserted] = []
+    for organisation_id in sorted(by_organisation):
+        ordered = sorted(by_organisation[organisation_id].values(), key=lambda v: v.key)
+        stored = _insert(Organisation(pk=organisation_id), ordered, now, sources[organisation_id])
+        inserted += [
+            (organisation_id, v.key, stored[v.key], v.meter.pk, v.timestamp, v.quantity)
+            for v in ordered
+            if v.key in stored
+        ]
+    return inserted
+
+
+def _stored_send_all(inserted: list[_Inserted]) -> None:
+    organisations = Organisation.objects.in_bulk({row[0] for row in inserted})
+    meters = Meter.objects.in_bulk({row[3] for row in inserted})
+    by_organisation: dict[int, list[StoredEvent]] = {}
+    for organisation_id, key, event_id, meter_id, timestamp, quantity in sorted(inserted):
+        by_organisation.setdefault(organisation_id, []).append(
+            StoredEvent(event_id, meters[meter_id], timestamp, quantity, key)
+        )
+    for organisation_id, stored in by_organisation.items():
+        events_stored.send(
+            sender=UsageEvent, organisation=organisations[organisation_id], events=stored
+        )
 
 
 def event_record(

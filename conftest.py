@@ -53,10 +53,16 @@ def _fresh_meter_cache():
 @pytest.fixture
 def browser_page():
     """A page of Debian's headless Chromium (see billing_site/tests/browser.py)."""
+    from django.db import connections
+
     from billing_site.tests.browser import chromium_page
 
     with chromium_page() as page:
         yield page
+        # Queries made while Playwright runs use connections of their own (its sync API changes
+        # the context Django keys connections by): close them, or the test database cannot be
+        # dropped at the end.
+        connections.close_all()
 
 
 @pytest.fixture

@@ -1,0 +1,507 @@
+"""Writes of the Stripe sync: customer and meter links, the meter-event outbox and its flush,
+period summaries, invoice pushes and what webhooks tell us.
+
+Our database is the system of record. Every send carries an identifier or idempotency key built
+from our ids, so any step can be re-run after a crash: Stripe deduplicates, we count a duplicate
+as delivered. Rows are only ever marked sent after Stripe answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import stripe
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import F, Q, QuerySet
+from django.utils import timezone
+
+from accounts.models import Organisation
+from core.periods import Period
+from invoices.models import Invoice
+from stripe_sync import gateway
+from stripe_sync.gateway import MeterEvent
+from stripe_sync.models import (
+    MeterEventState,
+    OutboxEvent,
+    PeriodSummaryEvent,
+    StripeCustomer,
+    StripeMeter,
+    WebhookEventSeen,
+)
+from usage.aggregation import Aggregation
+from usage.models import Meter
+from usage.selectors import usage_totals
+from usage.signals import StoredEvent
+
+logger = logging.getLogger(__name__)
+
+# Only these add up event by event, so only these can be streamed; the others send their
+# period's value (period_summary).
+STREAMABLE = frozenset({Aggregation.COUNT.value, Aggregation.SUM.value})
+
+
+# --- Customers ----------------------------------------------------------------------------------
+
+
+def customer_ensure(*, organisation: Organisation) -> StripeCustomer:
+    """Return the organisation's Stripe customer, creating it at Stripe on first need."""
+    existing = StripeCustomer.objects.filter(organisation=organisation).first()
+    if existing is not None:
+        return existing
+    data = gateway.customer_create(
+        organisation_id=organisation.pk,
+        name=organisation.name,
+        email=organisation.billing_email,
+        # Two flushers creating it at once get the same customer back from Stripe.
+        idempotency_key=f"meterline-customer:{organisation.pk}",
+    )
+    link, _ = StripeCustomer.objects.get_or_create(
+        organisation=organisation, defaults=_customer_fields(data)
+    )
+    return link
+
+
+def customer_link(*, organisation: Organisation, stripe_id: str) -> StripeCustomer:
+    """Link the organisation to an existing Stripe customer (checked at Stripe first)."""
+    data = gateway.customer_retrieve(stripe_id=stripe_id)
+    link, _ = StripeCustomer.objects.update_or_create(
+        organisation=organisation, defaults=_customer_fields(data)
+    )
+    return link
+
+
+def _customer_fields(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "stripe_id": data["id"],
+        "email": data.get("email") or "",
+        "name": data.get("name") or "",
+    }
+
+
+# --- Meters -------------------------------------------------------------------------------------
+
+
+class MeterModeError(ValueError):
+    pass
+
+
+def meter_configure(*, meter: Meter, mode: str) -> StripeMeter:
+    """Say how a meter reaches Stripe; nothing is sent until it is provisioned."""
+    if mode == StripeMeter.Mode.STREAM and meter.aggregation not in STREAMABLE:
+        raise MeterModeError(
+            f"{meter.code} aggregates by {meter.aggregation}: only count and sum meters can "
+            "stream events; use period_summary."
+        )
+    link, _ = StripeMeter.objects.update_or_create(
+        meter=meter, defaults={"mode": mode, "event_name": f"meterline_{meter.code}"}
+    )
+    return link
+
+
+def meter_provision(*, stripe_meter: StripeMeter, now: datetime | None = None) -> StripeMeter:
+    """Create the meter's Stripe Billing Meter once and store its id."""
+    if stripe_meter.stripe_id:
+        return stripe_meter
+    data = gateway.meter_create(
+        display_name=stripe_meter.meter.name,
+        event_name=stripe_meter.event_name,
+        idempotency_key=f"meterline-meter:{stripe_meter.meter_id}",
+    )
+    StripeMeter.objects.filter(pk=stripe_meter.pk, stripe_id="").update(
+        stripe_id=data["id"], provisioned_at=now or timezone.now()
+    )
+    stripe_meter.refresh_from_db()
+    return stripe_meter
+
+
+def meters_provision(*, now: datetime | None = None) -> list[StripeMeter]:
+    return [
+        meter_provision(stripe_meter=link, now=now)
+        for link in StripeMeter.objects.select_related("meter").filter(stripe_id="")
+    ]
+
+
+# --- The outbox (stream mode) -------------------------------------------------------------------
+
+
+def event_identifier(event_id: int) -> str:
+    """The meter event's identifier: our event's id, so every resend is the same event."""
+    return f"meterline-evt-{event_id}"
+
+
+def outbox_record(*, organisation: Organisation, events: list[StoredEvent]) -> int:
+    """Queue the stored events of stream-mode meters; called inside the storing transaction."""
+    meter_ids = {event.meter.pk for event in events}
+    streamed = set(
+        StripeMeter.objects.filter(
+            meter_id__in=meter_ids, mode=StripeMeter.Mode.STREAM
+        ).values_list("meter_id", flat=True)
+    )
+    if not streamed:
+        return 0
+    now = timezone.now()
+    rows = [
+        OutboxEvent(
+            event_id=event.id,
+            organisation=organisation,
+            meter_id=event.meter.pk,
+            identifier=event_identifier(event.id),
+            quantity=event.quantity,
+            timestamp=event.timestamp,
+            next_attempt_at=now,
+        )
+        for event in events
+        if event.meter.pk in streamed
+    ]
+    OutboxEvent.objects.bulk_create(rows)
+    return len(rows)
+
+
+@dataclass
+class FlushReport:
+    off: bool = False
+    requests: int = 0
+    sent: int = 0
+    duplicates: int = 0
+    retried: int = 0
+    parked: int = 0
+    expired: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if self.off:
+            return "Stripe is off (no STRIPE_SECRET_KEY): the outbox keeps its rows."
+        return (
+            f"sent {self.sent} in {self.requests} request(s), duplicates {self.duplicates}, "
+            f"to retry {self.retried}, parked {self.parked}, too old {len(self.expired)}"
+        )
+
+
+def retry_delay(attempts: int) -> timedelta:
+    """Exponential back-off with jitter: half to all of base * 2**(attempts - 1), capped."""
+    base: timedelta = settings.STRIPE_RETRY_BASE
+    ceiling: timedelta = min(settings.STRIPE_RETRY_CAP, base * 2 ** max(attempts - 1, 0))
+    return ceiling * secrets.SystemRandom().uniform(0.5, 1.0)
+
+
+def _due(now: datetime) -> QuerySet[OutboxEvent]:
+    return OutboxEvent.objects.filter(
+        Q(claimed_until__isnull=True) | Q(claimed_until__lte=now),
+        state=MeterEventState.PENDING,
+        next_attempt_at__lte=now,
+    )
+
+
+def _claim(*, now: datetime, limit: int) -> tuple[str, list[OutboxEvent]]:
+    """Take up to `limit` due rows for this flusher until the lease ends.
+
+    The UPDATE re-checks that each row is still unclaimed, so two flushers never hold the same
+    row; on PostgreSQL SKIP LOCKED lets them take different rows without waiting.
+    """
+    claim = uuid.uuid4().hex
+    with transaction.atomic():
+        candidates = _due(now).order_by("next_attempt_at", "id")
+        if connection.features.has_select_for_update_skip_locked:
+            candidates = candidates.select_for_update(skip_locked=True)
+        ids = list(candidates.values_list("id", flat=True)[:limit])
+        _due(now).filter(id__in=ids).update(
+            claim=claim, claimed_until=now + settings.STRIPE_FLUSH_LEASE
+        )
+    rows = list(
+        OutboxEvent.objects.filter(claim=claim)
+        .select_related("organisation", "meter")
+        .order_by("id")
+    )
+    return claim, rows
+
+
+def _settle(claim: str, ids: Iterable[int], **fields: Any) -> int:
+    """Write the outcome of rows this flusher still holds, and let go of them."""
+    return OutboxEvent.objects.filter(claim=claim, id__in=list(ids)).update(
+        claim="", claimed_until=None, **fields
+    )
+
+
+def outbox_flush(
+    *, now: datetime | None = None, batch_size: int | None = None, max_batches: int | None = None
+) -> FlushReport:
+    """Send due outbox rows to Stripe's meter event stream, a batch per request.
+
+    A 429, a 5xx or no answer puts the batch back with a back-off and ends this run; a batch the
+    stream refuses is sent again event by event (v1), so that only the events Stripe refuses are
+    parked. Rows held by a flusher that died are taken again when its lease ends.
+    """
+    report = FlushReport()
+    if not gateway.enabled():
+        report.off = True
+        return report
+    now = now or timezone.now()
+    size = min(batch_size or settings.STRIPE_FLUSH_BATCH, 100)
+    batches = 0
+    while max_batches is None or batches < max_batches:
+        claim, rows = _claim(now=now, limit=size)
+        if not rows:
+            break
+        batches += 1
+        if not _flush_batch(claim, rows, now=now, report=report):
+            break
+    return report
+
+
+def _flush_batch(
+    claim: str, rows: list[OutboxEvent], *, now: datetime, report: FlushReport
+) -> bool:
+    """Send one claimed batch; return whether the flush may go on with the next."""
+    oldest = now - settings.STRIPE_METER_EVENT_MAX_AGE
+    too_old = [row for row in rows if row.timestamp < oldest]
+    if too_old:
+        _settle(
+            claim,
+            (row.pk for row in too_old),
+            state=MeterEventState.EXPIRED,
+            last_error="Older than Stripe's 35-day window for meter events; not sent.",
+        )
+        report.expired.extend(row.identifier for row in too_old)
+        logger.warning("Stripe: %d meter event(s) too old to send", len(too_old))
+    rows = [row for row in rows if row.timestamp >= oldest]
+    if not rows:
+        return True
+    try:
+        events = _meter_events(rows, now=now)
+        report.requests += 1
+        gateway.meter_events_stream(events)
+    except stripe.StripeError as exc:
+        outcome = gateway.classify(exc)
+        if outcome == "retry":
+            _retry(claim, rows, now=now, error=gateway.describe(exc))
+            report.retried += len(rows)
+            report.errors.append(gateway.describe(exc))
+            return False
+        # The stream refused the request as a whole: find the events at fault one by one.
+        return _flush_one_by_one(claim, rows, now=now, report=report)
+    report.sent += _settle(
+        claim, (row.pk for row in rows), state=MeterEventState.SENT, sent_at=now, last_error=""
+    )
+    return True
+
+
+def _flush_one_by_one(
+    claim: str, rows: list[OutboxEvent], *, now: datetime, report: FlushReport
+) -> bool:
+    events = _meter_events(rows, now=now)
+    for index, (row, event) in enumerate(zip(rows, events, strict=True)):
+        try:
+            report.requests += 1
+            gateway.meter_event_create(event)
+        except stripe.StripeError as exc:
+            outcome = gateway.classify(exc)
+            if outcome == "retry":
+                _retry(claim, rows[index:], now=now, error=gateway.describe(exc))
+                report.retried += len(rows) - index
+                return False
+            if outcome == "refused":
+                _settle(
+                    claim, [row.pk], state=MeterEventState.PARKED, last_error=gateway.describe(exc)
+                )
+                report.parked += 1
+                continue
+            report.duplicates += 1
+        _settle(claim, [row.pk], state=MeterEventState.SENT, sent_at=now, last_error="")
+        report.sent += 1
+    return True
+
+
+def _retry(claim: str, rows: list[OutboxEvent], *, now: datetime, error: str) -> None:
+    # One delay for the batch: it goes back together, after Stripe had time to recover.
+    attempts = max(row.attempts for row in rows) + 1
+    OutboxEvent.objects.filter(claim=claim, id__in=[row.pk for row in rows]).update(
+        claim="",
+        claimed_until=None,
+        attempts=F("attempts") + 1,
+        next_attempt_at=now + retry_delay(attempts),
+        last_error=error,
+    )
+
+
+def _meter_events(rows: list[OutboxEvent], *, now: datetime) -> list[MeterEvent]:
+    customers = {
+        org.pk: customer_ensure(organisation=org).stripe_id
+        for org in {row.organisation for row in rows}
+    }
+    links = {
+        link.meter_id: link
+        for link in StripeMeter.objects.select_related("meter").filter(
+            meter_id__in={row.meter_id for row in rows}
+        )
+    }
+    for link in links.values():
+        meter_provision(stripe_meter=link, now=now)
+    return [
+        MeterEvent(
+            event_name=links[row.meter_id].event_name,
+            identifier=row.identifier,
+            customer=customers[row.organisation_id],
+            value=_value(row.quantity),
+            timestamp=row.timestamp,
+        )
+        for row in rows
+    ]
+
+
+def _value(quantity: Decimal) -> str:
+    # "12.5", never "12.500000" or "1.25E+1".
+    text = format(quantity.normalize(), "f")
+    return text
+
+
+def outbox_requeue(*, ids: Iterable[int], now: datetime | None = None) -> int:
+    """Put parked rows back in line (staff fixed the cause)."""
+    return OutboxEvent.objects.filter(id__in=list(ids), state=MeterEventState.PARKED).update(
+        state=MeterEventState.PENDING, next_attempt_at=now or timezone.now(), attempts=0
+    )
+
+
+# --- Period summaries ---------------------------------------------------------------------------
+
+
+def summary_identifier(*, invoice_id: int, meter_id: int) -> str:
+    """The period's one meter event: the invoice and the meter, so it is sent once."""
+    return f"meterline-inv-{invoice_id}-mtr-{meter_id}"
+
+
+def period_summaries_record(*, now: datetime | None = None) -> int:
+    """Queue one summary event per finalized invoice and period_summary meter, once.
+
+    The value is the meter's total over the invoice's period, counted with the invoice's own
+    cutoff (what the invoice billed). Invoices whose period ended before Stripe's 35-day window
+    are not queued: Stripe would refuse them. Periods with nothing to report send nothing.
+    """
+    now = now or timezone.now()
+    links = list(
+        StripeMeter.objects.select_related("meter").filter(mode=StripeMeter.Mode.PERIOD_SUMMARY)
+    )
+    if not links:
+        return 0
+    invoices = list(
+        Invoice.objects.filter(
+            status__in=[Invoice.Status.FINALIZED, Invoice.Status.PAID],
+            period_end__gt=now - settings.STRIPE_METER_EVENT_MAX_AGE,
+        ).order_by("id")
+    )
+    queued = 0
+    for link in links:
+        done = set(
+            PeriodSummaryEvent.objects.filter(
+                meter=link.meter, invoice_id__in=[i.pk for i in invoices]
+            ).values_list("invoice_id", flat=True)
+        )
+        # One query per (period, cutoff): a batch close gives many invoices the same of both.
+        groups: dict[tuple[Period, datetime], list[Invoice]] = {}
+        for invoice in invoices:
+            if invoice.pk not in done:
+                groups.setdefault((invoice.period, invoice.cutoff), []).append(invoice)
+        for (period, cutoff), members in groups.items():
+            totals = usage_totals(
+                organisation_ids=[i.organisation_id for i in members],
+                meter=link.meter,
+                period=period,
+                received_until=cutoff,
+            )
+            rows = [
+                PeriodSummaryEvent(
+                    invoice=invoice,
+                    meter=link.meter,
+                    organisation_id=invoice.organisation_id,
+                    identifier=summary_identifier(invoice_id=invoice.pk, meter_id=link.meter_id),
+                    value=totals[invoice.organisation_id],
+                    # The period's last whole second: inside it, whatever Stripe's rounding.
+                    timestamp=period.end.replace(microsecond=0) - timedelta(seconds=1),
+                    next_attempt_at=now,
+                )
+                for invoice in members
+                if totals[invoice.organisation_id]
+            ]
+            # The unique (invoice, meter) constraint makes a concurrent second run a no-op.
+            queued += len(PeriodSummaryEvent.objects.bulk_create(rows, ignore_conflicts=True))
+    return queued
+
+
+def period_summaries_send(*, now: datetime | None = None) -> FlushReport:
+    """Send queued summary events through v1, one a call (a few per customer and period).
+
+    Two senders at once may both send a row: Stripe keeps the first and answers the second
+    "already exists", which counts as delivered.
+    """
+    report = FlushReport()
+    if not gateway.enabled():
+        report.off = True
+        return report
+    now = now or timezone.now()
+    rows = (
+        PeriodSummaryEvent.objects.filter(state=MeterEventState.PENDING, next_attempt_at__lte=now)
+        .select_related("organisation", "meter")
+        .order_by("id")
+    )
+    for row in rows:
+        outcome = _summary_send(row, now=now, report=report)
+        if outcome == "retry":
+            break
+    return report
+
+
+def _summary_send(row: PeriodSummaryEvent, *, now: datetime, report: FlushReport) -> str:
+    pending = PeriodSummaryEvent.objects.filter(pk=row.pk, state=MeterEventState.PENDING)
+    if row.timestamp < now - settings.STRIPE_METER_EVENT_MAX_AGE:
+        pending.update(state=MeterEventState.EXPIRED, last_error="Older than 35 days; not sent.")
+        report.expired.append(row.identifier)
+        return "expired"
+    try:
+        link = meter_provision(stripe_meter=StripeMeter.objects.get(meter=row.meter), now=now)
+        report.requests += 1
+        gateway.meter_event_create(
+            MeterEvent(
+                event_name=link.event_name,
+                identifier=row.identifier,
+                customer=customer_ensure(organisation=row.organisation).stripe_id,
+                value=_value(row.value),
+                timestamp=row.timestamp,
+            )
+        )
+    except stripe.StripeError as exc:
+        outcome = gateway.classify(exc)
+        if outcome == "retry":
+            pending.update(
+                attempts=F("attempts") + 1,
+                next_attempt_at=now + retry_delay(row.attempts + 1),
+                last_error=gateway.describe(exc),
+            )
+            report.retried += 1
+            report.errors.append(gateway.describe(exc))
+            return "retry"
+        if outcome == "refused":
+            pending.update(state=MeterEventState.PARKED, last_error=gateway.describe(exc))
+            report.parked += 1
+            return "refused"
+        report.duplicates += 1
+    pending.update(state=MeterEventState.SENT, sent_at=now, last_error="")
+    report.sent += 1
+    return "sent"
+
+
+# --- Webhooks -----------------------------------------------------------------------------------
+
+
+def webhook_handle(*, event_id: str, event_type: str, obj: dict[str, Any]) -> bool:
+    """Act on one Stripe event once; return False for a delivery already handled."""
+    _, created = WebhookEventSeen.objects.get_or_create(
+        stripe_event_id=event_id, defaults={"type": event_type}
+    )
+    return created

@@ -1,0 +1,17 @@
+"""django-q2 entry points: thin, each calling services."""
+
+from __future__ import annotations
+
+from stripe_sync.services import outbox_flush, period_summaries_record, period_summaries_send
+
+
+def sync_stripe(intended_date: str | None = None) -> str:
+    """Flush the meter-event outbox; queue and send the summaries of newly closed periods.
+
+    The outbox's clock (back-off, lease) is the real time of the run, not the schedule's
+    intended time: a late run must not wait for a back-off that has already passed.
+    """
+    flushed = outbox_flush()
+    queued = period_summaries_record()
+    summaries = period_summaries_send()
+    return f"stream: {flushed}; summaries: {queued} queued, {summaries}"

@@ -13,7 +13,7 @@ import secrets
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -33,6 +33,7 @@ from stripe_sync.models import (
     OutboxEvent,
     PeriodSummaryEvent,
     StripeCustomer,
+    StripeInvoice,
     StripeMeter,
     WebhookEventSeen,
 )
@@ -496,12 +497,172 @@ def _summary_send(row: PeriodSummaryEvent, *, now: datetime, report: FlushReport
     return "sent"
 
 
+# --- Invoices (Meterline invoices, Stripe collects) ---------------------------------------------
+
+
+class InvoiceNotPushable(ValueError):  # noqa: N818 - reads as the state of the invoice
+    pass
+
+
+def invoice_push(*, invoice: Invoice, now: datetime | None = None) -> StripeInvoice:
+    """Push a finalized invoice to Stripe: one invoice item per line, then finalize it there.
+
+    Every call carries an idempotency key built from our ids, so a push that died half-way is
+    simply run again: Stripe answers the calls it already did with their first answers.
+    """
+    if invoice.status not in (Invoice.Status.FINALIZED, Invoice.Status.PAID):
+        raise InvoiceNotPushable(f"{invoice} is {invoice.status}: only finalized invoices go.")
+    now = now or timezone.now()
+    pushed, _ = StripeInvoice.objects.get_or_create(invoice=invoice)
+    if pushed.finalized_at is not None:
+        return pushed
+    customer = customer_ensure(organisation=invoice.organisation).stripe_id
+    currency = invoice.currency.lower()
+    due_in = (
+        (invoice.due_at - invoice.issued_at).days if invoice.due_at and invoice.issued_at else 30
+    )
+    draft = gateway.invoice_create(
+        params={
+            "customer": customer,
+            "currency": currency,
+            # Meterline sent the invoice (and its PDF); Stripe collects it by its due date.
+            "collection_method": "send_invoice",
+            "days_until_due": max(due_in, 0),
+            "auto_advance": False,
+            # Only the items below: never other pending items of the customer.
+            "pending_invoice_items_behavior": "exclude",
+            "description": f"Invoice {invoice.number}",
+            "metadata": {"meterline_invoice_id": str(invoice.pk), "number": invoice.number or ""},
+        },
+        idempotency_key=f"meterline-invoice:{invoice.pk}",
+    )
+    StripeInvoice.objects.filter(pk=pushed.pk).update(stripe_id=draft["id"])
+    for line in invoice.lines.order_by("position"):
+        start = line.usage_start or invoice.period_start
+        end = line.usage_end or invoice.period_end
+        gateway.invoice_item_create(
+            params={
+                "customer": customer,
+                "invoice": draft["id"],
+                # Integer minor units, as stored: Stripe's amounts are minor units too.
+                "amount": line.amount_minor,
+                "currency": currency,
+                "description": line.description,
+                "period": {"start": gateway.unix(start), "end": gateway.unix(end)},
+                "metadata": {"meterline_invoice_line_id": str(line.pk)},
+            },
+            idempotency_key=f"meterline-invoice-line:{line.pk}",
+        )
+    finalized = gateway.invoice_finalize(
+        stripe_id=draft["id"], idempotency_key=f"meterline-invoice-finalize:{invoice.pk}"
+    )
+    if finalized.get("total") != invoice.total_minor:
+        # Stripe added something (tax, a discount): ours is the invoice of record; say so.
+        logger.warning(
+            "Stripe invoice %s totals %s, ours %s",
+            draft["id"],
+            finalized.get("total"),
+            invoice.total_minor,
+        )
+    StripeInvoice.objects.filter(pk=pushed.pk).update(
+        stripe_status=finalized.get("status") or "", finalized_at=now, last_error=""
+    )
+    pushed.refresh_from_db()
+    return pushed
+
+
+def invoices_push(*, now: datetime | None = None) -> tuple[int, list[str]]:
+    """Push every finalized invoice not yet finalized at Stripe; return the count and errors.
+
+    An invoice Stripe refuses keeps its error for staff and is tried again on the next run.
+    """
+    if not (settings.STRIPE_PUSH_INVOICES and gateway.enabled()):
+        return 0, []
+    waiting = Invoice.objects.filter(status=Invoice.Status.FINALIZED).exclude(
+        pk__in=StripeInvoice.objects.filter(finalized_at__isnull=False).values("invoice_id")
+    )
+    pushed, errors = 0, []
+    for invoice in waiting.select_related("organisation").order_by("id"):
+        try:
+            invoice_push(invoice=invoice, now=now)
+        except stripe.StripeError as exc:
+            StripeInvoice.objects.filter(invoice=invoice).update(last_error=gateway.describe(exc))
+            errors.append(f"{invoice}: {gateway.describe(exc)}")
+            if gateway.classify(exc) == "retry":
+                break
+        else:
+            pushed += 1
+    return pushed, errors
+
+
 # --- Webhooks -----------------------------------------------------------------------------------
 
 
 def webhook_handle(*, event_id: str, event_type: str, obj: dict[str, Any]) -> bool:
-    """Act on one Stripe event once; return False for a delivery already handled."""
+    """Act on one Stripe event once; return False for a delivery already handled.
+
+    Runs in dj-stripe's webhook transaction: if anything fails, the event is not recorded as
+    handled and Stripe's next delivery tries again.
+    """
     _, created = WebhookEventSeen.objects.get_or_create(
         stripe_event_id=event_id, defaults={"type": event_type}
     )
-    return created
+    if not created:
+        return False
+    match event_type:
+        case "invoice.paid":
+            _invoice_paid(obj)
+        case "invoice.payment_failed":
+            _invoice_payment_failed(obj)
+        case "customer.created" | "customer.updated":
+            _customer_changed(obj)
+        case "customer.deleted":
+            # The organisation gets a new customer the next time one is needed.
+            StripeCustomer.objects.filter(stripe_id=obj["id"]).delete()
+    return True
+
+
+def _pushed(obj: dict[str, Any]) -> StripeInvoice | None:
+    return StripeInvoice.objects.select_related("invoice").filter(stripe_id=obj["id"]).first()
+
+
+def _invoice_paid(obj: dict[str, Any]) -> None:
+    pushed = _pushed(obj)
+    if pushed is None:
+        return  # not one of ours (Stripe invoicing from its meters, say)
+    paid_at = obj.get("status_transitions", {}).get("paid_at")
+    StripeInvoice.objects.filter(pk=pushed.pk).update(
+        stripe_status="paid",
+        paid_at=datetime.fromtimestamp(paid_at, tz=UTC) if paid_at else timezone.now(),
+    )
+    # Only the status moves on a finalized invoice; a conditional update is idempotent.
+    Invoice.objects.filter(pk=pushed.invoice_id, status=Invoice.Status.FINALIZED).update(
+        status=Invoice.Status.PAID
+    )
+
+
+def _invoice_payment_failed(obj: dict[str, Any]) -> None:
+    pushed = _pushed(obj)
+    if pushed is None:
+        return
+    attempts = int(obj.get("attempt_count") or 0)
+    retry_at = obj.get("next_payment_attempt")
+    note = f"Payment attempt {attempts} failed"
+    if retry_at:
+        note += f"; Stripe retries at {datetime.fromtimestamp(retry_at, tz=UTC).isoformat()}"
+    # Stripe's attempt count, not our own counter: a redelivered event changes nothing.
+    StripeInvoice.objects.filter(pk=pushed.pk, payment_failures__lte=attempts).update(
+        payment_failures=attempts, last_payment_error=note, stripe_status=obj.get("status") or ""
+    )
+
+
+def _customer_changed(obj: dict[str, Any]) -> None:
+    fields = {"email": obj.get("email") or "", "name": obj.get("name") or ""}
+    if StripeCustomer.objects.filter(stripe_id=obj["id"]).update(**fields):
+        return
+    organisation_id = (obj.get("metadata") or {}).get("meterline_organisation_id")
+    if organisation_id and Organisation.objects.filter(pk=organisation_id).exists():
+        # Created for one of our organisations (from the dashboard, say): link it if it has none.
+        StripeCustomer.objects.get_or_create(
+            organisation_id=int(organisation_id), defaults={"stripe_id": obj["id"], **fields}
+        )

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from stripe_sync.services import outbox_flush, period_summaries_record, period_summaries_send
+from stripe_sync.services import (
+    invoices_push,
+    outbox_flush,
+    period_summaries_record,
+    period_summaries_send,
+)
 
 
 def sync_stripe(intended_date: str | None = None) -> str:
-    """Flush the meter-event outbox; queue and send the summaries of newly closed periods.
+    """Flush the meter-event outbox; queue and send the summaries of newly closed periods; push
+    finalized invoices (when STRIPE_PUSH_INVOICES).
 
     The outbox's clock (back-off, lease) is the real time of the run, not the schedule's
     intended time: a late run must not wait for a back-off that has already passed.
@@ -14,4 +20,8 @@ def sync_stripe(intended_date: str | None = None) -> str:
     flushed = outbox_flush()
     queued = period_summaries_record()
     summaries = period_summaries_send()
-    return f"stream: {flushed}; summaries: {queued} queued, {summaries}"
+    pushed, errors = invoices_push()
+    return (
+        f"stream: {flushed}; summaries: {queued} queued, {summaries}; "
+        f"invoices pushed: {pushed}, failed: {len(errors)}"
+    )

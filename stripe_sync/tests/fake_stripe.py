@@ -204,6 +204,10 @@ class FakeStripe:
                 if customer_id not in self.customers:
                     return _missing("customer", customer_id)
                 return 200, self.customers[customer_id]
+            case "DELETE", ["v1", "customers", customer_id]:
+                if self.customers.pop(customer_id, None) is None:
+                    return _missing("customer", customer_id)
+                return 200, fixture("deleted_customer", id=customer_id)
             case "POST", ["v1", "billing", "meters"]:
                 meter = fixture(
                     "billing.meter",
@@ -353,6 +357,9 @@ class FakeStripe:
                 invoice["lines"]["data"].append(line)
                 _set_totals(invoice)
                 return 200, item
+            case "GET", ["v1", "account"]:
+                # The platform account dj-stripe files webhook events under.
+                return 200, fixture("account", id="acct_fake0000platform", livemode=False)
             case "GET", ["v1", "events", event_id]:
                 if event_id not in self.events:
                     return _missing("event", event_id)

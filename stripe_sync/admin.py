@@ -28,7 +28,9 @@ class StripeCustomerAdmin(admin.ModelAdmin[StripeCustomer]):
 @admin.register(StripeMeter)
 class StripeMeterAdmin(admin.ModelAdmin[StripeMeter]):
     list_display = ["meter", "mode", "event_name", "stripe_id", "provisioned_at"]
-    readonly_fields = ["stripe_id", "provisioned_at"]
+    fields = ["meter", "mode", "event_name", "stripe_id", "provisioned_at"]
+    # The event name is set once from the meter's code; the schedule provisions the meter.
+    readonly_fields = ["event_name", "stripe_id", "provisioned_at"]
 
 
 class _DeliveryAdmin(admin.ModelAdmin[Any]):

@@ -6,6 +6,9 @@ before (and without) any Stripe object being mirrored.
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.core.exceptions import ValidationError
 from django.db import models
 
 from accounts.models import Organisation
@@ -62,6 +65,19 @@ class StripeMeter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.meter.code} -> {self.stripe_id or '(not provisioned)'} ({self.mode})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self.event_name:  # added in the admin, which shows it read-only
+            self.event_name = f"meterline_{self.meter.code}"
+        super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        # Only these add up event by event; a max or latest meter streamed would be summed.
+        if self.mode == self.Mode.STREAM and self.meter.aggregation not in ("count", "sum"):
+            raise ValidationError(
+                f"{self.meter.code} aggregates by {self.meter.aggregation}: only count and sum "
+                "meters can stream events; use period_summary."
+            )
 
 
 class MeterEventState(models.TextChoices):

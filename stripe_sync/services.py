@@ -37,17 +37,12 @@ from stripe_sync.models import (
     StripeMeter,
     WebhookEventSeen,
 )
-from usage.aggregation import Aggregation
+from stripe_sync.selectors import Difference
 from usage.models import Meter
 from usage.selectors import usage_totals
 from usage.signals import StoredEvent
 
 logger = logging.getLogger(__name__)
-
-# Only these add up event by event, so only these can be streamed; the others send their
-# period's value (period_summary).
-STREAMABLE = frozenset({Aggregation.COUNT.value, Aggregation.SUM.value})
-
 
 # --- Customers ----------------------------------------------------------------------------------
 
@@ -90,20 +85,14 @@ def _customer_fields(data: dict[str, Any]) -> dict[str, Any]:
 # --- Meters -------------------------------------------------------------------------------------
 
 
-class MeterModeError(ValueError):
-    pass
-
-
 def meter_configure(*, meter: Meter, mode: str) -> StripeMeter:
     """Say how a meter reaches Stripe; nothing is sent until it is provisioned."""
-    if mode == StripeMeter.Mode.STREAM and meter.aggregation not in STREAMABLE:
-        raise MeterModeError(
-            f"{meter.code} aggregates by {meter.aggregation}: only count and sum meters can "
-            "stream events; use period_summary."
-        )
-    link, _ = StripeMeter.objects.update_or_create(
-        meter=meter, defaults={"mode": mode, "event_name": f"meterline_{meter.code}"}
+    link = StripeMeter.objects.filter(meter=meter).first() or StripeMeter(
+        meter=meter, event_name=f"meterline_{meter.code}"
     )
+    link.mode = mode
+    link.full_clean()
+    link.save()
     return link
 
 
@@ -495,6 +484,49 @@ def _summary_send(row: PeriodSummaryEvent, *, now: datetime, report: FlushReport
     pending.update(state=MeterEventState.SENT, sent_at=now, last_error="")
     report.sent += 1
     return "sent"
+
+
+# --- Reconciliation -----------------------------------------------------------------------------
+
+
+class NotRepairable(ValueError):  # noqa: N818 - reads as what the difference is
+    pass
+
+
+def difference_repair(
+    *, difference: Difference, period: Period, now: datetime | None = None
+) -> str:
+    """Send what Stripe lacks for one customer, meter and period as one meter event.
+
+    Stripe has no list of the meter events it kept, so the missing quantity is sent, not the
+    missing events. Its identifier names the customer, meter, period and what Stripe had: a
+    second repair of the same state is the same event (Stripe deduplicates), and after Stripe
+    counted it there is nothing left to repair. Stripe counting more than we do, or a period
+    past Stripe's 35-day window, cannot be repaired this way and is refused.
+    """
+    now = now or timezone.now()
+    if difference.missing <= 0:
+        raise NotRepairable("Stripe counts more than we do: cancel its extra events there.")
+    timestamp = min(period.end.replace(microsecond=0) - timedelta(seconds=1), now)
+    if timestamp < now - settings.STRIPE_METER_EVENT_MAX_AGE or timestamp < period.start:
+        raise NotRepairable("The period is outside Stripe's 35-day window for meter events.")
+    identifier = (
+        f"meterline-fix-{difference.organisation.pk}-{difference.stripe_meter.meter_id}-"
+        f"{gateway.unix(period.start)}-{gateway.unix(period.end)}-{_value(difference.stripe)}"
+    )
+    event = MeterEvent(
+        event_name=difference.stripe_meter.event_name,
+        identifier=identifier,
+        customer=difference.stripe_customer,
+        value=_value(difference.missing),
+        timestamp=timestamp,
+    )
+    try:
+        gateway.meter_event_create(event)
+    except stripe.StripeError as exc:
+        if gateway.classify(exc) != "duplicate":
+            raise
+    return identifier
 
 
 # --- Invoices (Meterline invoices, Stripe collects) ---------------------------------------------

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.django_db
 def test_the_test_schema_of_djstripe_matches_its_models():
     # Tests build dj-stripe's tables from stripe_sync/tests/djstripe_schema (seconds) instead of
-    # its 40 migrations (minutes). After a dj-stripe upgrade this fails until the schema is
+    # its real migrations (about two minutes here). After a dj-stripe upgrade this fails until the schema is
     # regenerated: DJANGO_SETTINGS_MODULE=billing_site.test_settings manage.py makemigrations
     # djstripe (after deleting the old file).
     call_command("makemigrations", "djstripe", "--check", "--dry-run", verbosity=0)

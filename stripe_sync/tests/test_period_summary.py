@@ -125,3 +125,21 @@ def test_without_a_key_summaries_wait_in_the_queue(closed, fake):
     assert period_summaries_send(now=now).off
     assert set(PeriodSummaryEvent.objects.values_list("state", flat=True)) == {"pending"}
     assert fake.requests == []
+
+
+def test_reconcile_finds_and_repairs_a_lost_summary(closed, stripe_on):
+    from stripe_sync.selectors import meter_totals_compare
+    from stripe_sync.services import difference_repair
+
+    orgs, seats, _, now = closed
+    period_summaries_record(now=now)
+    period_summaries_send(now=now)
+    invoice = Invoice.objects.get(organisation=orgs[1])
+    del stripe_on.meter_events[summary_identifier(invoice_id=invoice.pk, meter_id=seats.pk)]
+
+    (difference,) = meter_totals_compare(period=invoice.period)
+
+    assert (difference.organisation, difference.stripe_meter.meter) == (orgs[1], seats)
+    assert (difference.ours, difference.stripe) == (Decimal(8), Decimal(0))
+    difference_repair(difference=difference, period=invoice.period, now=now)
+    assert meter_totals_compare(period=invoice.period) == []

@@ -1,11 +1,11 @@
 """Customers and meters reach Stripe once, with ids stored, through the real SDK and the fake."""
 
 import pytest
+from django.core.exceptions import ValidationError
 
 from accounts.tests.factories import make_organisation
 from stripe_sync.models import StripeCustomer, StripeMeter
 from stripe_sync.services import (
-    MeterModeError,
     customer_ensure,
     customer_link,
     meter_configure,
@@ -78,6 +78,24 @@ def test_a_meter_is_provisioned_once_with_sum_and_customer_mapping(stripe_on):
 @pytest.mark.django_db
 def test_only_count_and_sum_meters_can_stream():
     peak = make_meter("max", code="peak_seats", property="seats")
-    with pytest.raises(MeterModeError):
+    with pytest.raises(ValidationError, match="only count and sum"):
         meter_configure(meter=peak, mode="stream")
     assert meter_configure(meter=peak, mode="period_summary").mode == "period_summary"
+
+
+@pytest.mark.django_db
+def test_stripe_meter_command_configures_and_provisions(stripe_on):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    make_meter("count", code="api_calls")
+    out = StringIO()
+    call_command("stripe_meter", "api_calls", "--mode", "stream", stdout=out)
+    link = StripeMeter.objects.get(meter__code="api_calls")
+    assert link.stripe_id in stripe_on.meters
+    assert out.getvalue().strip() == str(link)
+
+    make_meter("max", code="peak", property="seats")
+    with pytest.raises(CommandError, match="only count and sum"):
+        call_command("stripe_meter", "peak", "--mode", "stream")

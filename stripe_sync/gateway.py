@@ -220,6 +220,19 @@ def invoice_item_create(*, params: dict[str, Any], idempotency_key: str) -> dict
     )
 
 
+def invoice_retrieve(*, stripe_id: str) -> dict[str, Any]:
+    return _dict(client().v1.invoices.retrieve(stripe_id))
+
+
+def invoice_line_ids(*, stripe_id: str) -> set[str]:
+    """Our line ids already on a Stripe invoice (from each item's metadata)."""
+    lines = client().v1.invoices.line_items.list(stripe_id, cast(Any, {"limit": 100}))
+    return {
+        str(line.to_dict().get("metadata", {}).get("meterline_invoice_line_id"))
+        for line in lines.auto_paging_iter()
+    }
+
+
 def invoice_finalize(*, stripe_id: str, idempotency_key: str) -> dict[str, Any]:
     return _dict(
         client().v1.invoices.finalize_invoice(

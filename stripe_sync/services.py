@@ -250,6 +250,7 @@ def _flush_batch(
     claim: str, rows: list[OutboxEvent], *, now: datetime, report: FlushReport
 ) -> bool:
     """Send one claimed batch; return whether the flush may go on with the next."""
+    events: list[MeterEvent] = []
     oldest = now - settings.STRIPE_METER_EVENT_MAX_AGE
     too_old = [row for row in rows if row.timestamp < oldest]
     if too_old:
@@ -269,14 +270,14 @@ def _flush_batch(
         report.requests += 1
         gateway.meter_events_stream(events)
     except stripe.StripeError as exc:
-        outcome = gateway.classify(exc)
-        if outcome == "retry":
+        # Not the events' fault when the customer or meter could not be made: back off too.
+        if gateway.classify(exc) == "retry" or not events:
             _retry(claim, rows, now=now, error=gateway.describe(exc))
             report.retried += len(rows)
             report.errors.append(gateway.describe(exc))
             return False
         # The stream refused the request as a whole: find the events at fault one by one.
-        return _flush_one_by_one(claim, rows, now=now, report=report)
+        return _flush_one_by_one(claim, rows, events, now=now, report=report)
     report.sent += _settle(
         claim, (row.pk for row in rows), state=MeterEventState.SENT, sent_at=now, last_error=""
     )
@@ -284,9 +285,13 @@ def _flush_batch(
 
 
 def _flush_one_by_one(
-    claim: str, rows: list[OutboxEvent], *, now: datetime, report: FlushReport
+    claim: str,
+    rows: list[OutboxEvent],
+    events: list[MeterEvent],
+    *,
+    now: datetime,
+    report: FlushReport,
 ) -> bool:
-    events = _meter_events(rows, now=now)
     for index, (row, event) in enumerate(zip(rows, events, strict=True)):
         try:
             report.requests += 1
@@ -550,6 +555,60 @@ def invoice_push(*, invoice: Invoice, now: datetime | None = None) -> StripeInvo
         return pushed
     customer = customer_ensure(organisation=invoice.organisation).stripe_id
     currency = invoice.currency.lower()
+    if pushed.stripe_id:
+        # A push that died after creating the Stripe invoice: go on with it (Stripe forgets
+        # idempotency keys after 24 hours, so the lines it has are looked up, not re-sent).
+        draft_id = pushed.stripe_id
+        current = gateway.invoice_retrieve(stripe_id=draft_id)
+        if current["status"] != "draft":  # finalized there before the crash: record it
+            StripeInvoice.objects.filter(pk=pushed.pk).update(
+                stripe_status=current["status"], finalized_at=now, last_error=""
+            )
+            pushed.refresh_from_db()
+            return pushed
+        done = gateway.invoice_line_ids(stripe_id=draft_id)
+    else:
+        draft_id = _stripe_invoice_create(invoice, pushed, customer=customer)
+        done = set()
+    for line in invoice.lines.order_by("position"):
+        if str(line.pk) in done:
+            continue
+        start = line.usage_start or invoice.period_start
+        end = line.usage_end or invoice.period_end
+        gateway.invoice_item_create(
+            params={
+                "customer": customer,
+                "invoice": draft_id,
+                # Integer minor units, as stored: Stripe's amounts are minor units too.
+                "amount": line.amount_minor,
+                "currency": currency,
+                "description": line.description,
+                "period": {"start": gateway.unix(start), "end": gateway.unix(end)},
+                "metadata": {"meterline_invoice_line_id": str(line.pk)},
+            },
+            idempotency_key=f"meterline-invoice-line:{line.pk}",
+        )
+    finalized = gateway.invoice_finalize(
+        stripe_id=draft_id, idempotency_key=f"meterline-invoice-finalize:{invoice.pk}"
+    )
+    if finalized.get("total") != invoice.total_minor:
+        # Stripe added something (tax, a discount): ours is the invoice of record; say so.
+        logger.warning(
+            "Stripe invoice %s totals %s, ours %s",
+            draft_id,
+            finalized.get("total"),
+            invoice.total_minor,
+        )
+    StripeInvoice.objects.filter(pk=pushed.pk).update(
+        stripe_status=finalized.get("status") or "", finalized_at=now, last_error=""
+    )
+    pushed.refresh_from_db()
+    return pushed
+
+
+def _stripe_invoice_create(invoice: Invoice, pushed: StripeInvoice, *, customer: str) -> str:
+    """Create the Stripe draft and store its id at once, before any item goes in."""
+    currency = invoice.currency.lower()
     due_in = (
         (invoice.due_at - invoice.issued_at).days if invoice.due_at and invoice.issued_at else 30
     )
@@ -569,38 +628,7 @@ def invoice_push(*, invoice: Invoice, now: datetime | None = None) -> StripeInvo
         idempotency_key=f"meterline-invoice:{invoice.pk}",
     )
     StripeInvoice.objects.filter(pk=pushed.pk).update(stripe_id=draft["id"])
-    for line in invoice.lines.order_by("position"):
-        start = line.usage_start or invoice.period_start
-        end = line.usage_end or invoice.period_end
-        gateway.invoice_item_create(
-            params={
-                "customer": customer,
-                "invoice": draft["id"],
-                # Integer minor units, as stored: Stripe's amounts are minor units too.
-                "amount": line.amount_minor,
-                "currency": currency,
-                "description": line.description,
-                "period": {"start": gateway.unix(start), "end": gateway.unix(end)},
-                "metadata": {"meterline_invoice_line_id": str(line.pk)},
-            },
-            idempotency_key=f"meterline-invoice-line:{line.pk}",
-        )
-    finalized = gateway.invoice_finalize(
-        stripe_id=draft["id"], idempotency_key=f"meterline-invoice-finalize:{invoice.pk}"
-    )
-    if finalized.get("total") != invoice.total_minor:
-        # Stripe added something (tax, a discount): ours is the invoice of record; say so.
-        logger.warning(
-            "Stripe invoice %s totals %s, ours %s",
-            draft["id"],
-            finalized.get("total"),
-            invoice.total_minor,
-        )
-    StripeInvoice.objects.filter(pk=pushed.pk).update(
-        stripe_status=finalized.get("status") or "", finalized_at=now, last_error=""
-    )
-    pushed.refresh_from_db()
-    return pushed
+    return str(draft["id"])
 
 
 def invoices_push(*, now: datetime | None = None) -> tuple[int, list[str]]:
@@ -655,7 +683,14 @@ def webhook_handle(*, event_id: str, event_type: str, obj: dict[str, Any]) -> bo
 
 
 def _pushed(obj: dict[str, Any]) -> StripeInvoice | None:
-    return StripeInvoice.objects.select_related("invoice").filter(stripe_id=obj["id"]).first()
+    pushed = StripeInvoice.objects.filter(stripe_id=obj["id"]).first()
+    ours = (obj.get("metadata") or {}).get("meterline_invoice_id")
+    if pushed is None and ours and str(ours).isdigit():
+        # A push that died before storing Stripe's id: the invoice says whose it is.
+        pushed = StripeInvoice.objects.filter(invoice_id=int(ours), stripe_id=None).first()
+        if pushed is not None:
+            StripeInvoice.objects.filter(pk=pushed.pk).update(stripe_id=obj["id"])
+    return pushed
 
 
 def _invoice_paid(obj: dict[str, Any]) -> None:

@@ -190,3 +190,40 @@ def test_customer_events_keep_the_link_current(stripe_on, endpoint, client, db):
     stripe_on.customers["cus_dashboard1"] = made
     assert webhook(client, stripe_on, endpoint, "customer.created", made).status_code == 200
     assert StripeCustomer.objects.get(organisation=other).stripe_id == "cus_dashboard1"
+
+
+def test_a_push_resumed_after_stripe_forgot_its_idempotency_keys_adds_only_missing_lines(
+    invoice, stripe_on
+):
+    # The push died after the first line went in; a day later Stripe no longer replays keys.
+    second = invoice.lines.order_by("position")[1]
+    stripe_on.fail(
+        status=0, path="/v1/invoiceitems", body_contains=f"[meterline_invoice_line_id]={second.pk}"
+    )
+    with pytest.raises(stripe.APIConnectionError):
+        invoice_push(invoice=invoice)
+    stripe_on._idempotent.clear()
+
+    pushed = invoice_push(invoice=invoice)
+
+    assert len(stripe_on.invoices) == 1
+    lines = stripe_on.invoices[pushed.stripe_id]["lines"]["data"]
+    assert sorted(line["metadata"]["meterline_invoice_line_id"] for line in lines) == sorted(
+        str(pk) for pk in invoice.lines.values_list("pk", flat=True)
+    )
+    assert stripe_on.invoices[pushed.stripe_id]["total"] == 5075
+    assert stripe_on.invoices[pushed.stripe_id]["status"] == "open"
+
+
+def test_invoice_paid_finds_an_invoice_whose_stripe_id_was_never_stored(
+    invoice, stripe_on, endpoint, client
+):
+    pushed = invoice_push(invoice=invoice)
+    StripeInvoice.objects.filter(pk=pushed.pk).update(stripe_id=None)  # as if lost in a crash
+
+    paid = stripe_on.pay(pushed.stripe_id)
+    assert webhook(client, stripe_on, endpoint, "invoice.paid", paid).status_code == 200
+
+    invoice.refresh_from_db()
+    assert invoice.status == "paid"
+    assert StripeInvoice.objects.get().stripe_id == pushed.stripe_id

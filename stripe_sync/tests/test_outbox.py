@@ -243,3 +243,18 @@ def test_staff_see_parked_events_and_can_send_them_again(streamed, stripe_on, ad
     )
     assert outbox_flush().sent == 1
     assert list(stripe_on.meter_events) == [row.identifier]
+
+
+@pytest.mark.django_db
+def test_a_customer_stripe_refuses_holds_its_events_back_without_parking_them(streamed, stripe_on):
+    streamed(4)
+    now = datetime.now(UTC)
+    stripe_on.fail(status=400, path="/v1/customers")
+
+    report = outbox_flush(now=now)
+
+    assert (report.sent, report.retried, report.parked) == (0, 4, 0)
+    rows = OutboxEvent.objects.all()
+    assert {(r.state, r.claim, r.attempts) for r in rows} == {("pending", "", 1)}
+    assert "400" in rows[0].last_error
+    assert outbox_flush(now=now + timedelta(minutes=1)).sent == 4

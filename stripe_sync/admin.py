@@ -35,7 +35,7 @@ class StripeMeterAdmin(admin.ModelAdmin[StripeMeter]):
 
 class _DeliveryAdmin(admin.ModelAdmin[Any]):
     list_filter = ["state"]
-    search_fields = ["identifier", "last_error"]
+    search_fields = ["last_error"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

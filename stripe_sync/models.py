@@ -92,8 +92,6 @@ class MeterEventState(models.TextChoices):
 class Delivery(models.Model):
     """Where a meter event stands on its way to Stripe."""
 
-    # The identifier Stripe deduplicates on, built from our ids: a resend is the same event.
-    identifier = models.CharField(max_length=100, unique=True)
     state = models.CharField(
         max_length=8, choices=MeterEventState.choices, default=MeterEventState.PENDING
     )
@@ -110,6 +108,10 @@ class Delivery(models.Model):
     def __str__(self) -> str:
         return f"{self.identifier} ({self.state})"
 
+    @property
+    def identifier(self) -> str:
+        raise NotImplementedError
+
 
 class OutboxEvent(Delivery):
     """One usage event waiting to be (or already) sent to Stripe as a meter event.
@@ -120,8 +122,19 @@ class OutboxEvent(Delivery):
     """
 
     event = models.OneToOneField(UsageEvent, on_delete=models.CASCADE, related_name="+")
-    organisation = models.ForeignKey(Organisation, on_delete=models.CASCADE, related_name="+")
-    meter = models.ForeignKey(Meter, on_delete=models.CASCADE, related_name="+")
+    # Copies of the event's own (so the flush needs no join); neither indexed nor constrained,
+    # since the event's foreign keys already hold them, and each index or constraint check is
+    # paid once per ingested event.
+    organisation = models.ForeignKey(
+        Organisation,
+        on_delete=models.DO_NOTHING,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+    meter = models.ForeignKey(
+        Meter, on_delete=models.DO_NOTHING, related_name="+", db_index=False, db_constraint=False
+    )
     quantity = models.DecimalField(max_digits=24, decimal_places=6)
     # The usage event's own time: Stripe attributes the meter event to it.
     timestamp = models.DateTimeField()
@@ -144,6 +157,12 @@ class OutboxEvent(Delivery):
             ),
         ]
 
+    @property
+    def identifier(self) -> str:
+        # Built from the event's id (unique already), so it needs no column of its own: Stripe
+        # deduplicates on it, and a resend is the same event.
+        return f"meterline-evt-{self.event_id}"
+
 
 class PeriodSummaryEvent(Delivery):
     """The one meter event of a period_summary meter for one invoice (subscription period)."""
@@ -151,6 +170,8 @@ class PeriodSummaryEvent(Delivery):
     invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="+")
     meter = models.ForeignKey(Meter, on_delete=models.CASCADE, related_name="+")
     organisation = models.ForeignKey(Organisation, on_delete=models.CASCADE, related_name="+")
+    # Stripe deduplicates on it: the invoice and the meter (see services.summary_identifier).
+    summary_id = models.CharField(max_length=100, unique=True)
     # The period's value as billed (the invoice line's quantity).
     value = models.DecimalField(max_digits=24, decimal_places=6)
     # Inside the period (its last second), so Stripe counts it in the same period.
@@ -161,6 +182,10 @@ class PeriodSummaryEvent(Delivery):
             # Exactly once per (invoice, meter), whatever runs twice.
             models.UniqueConstraint(fields=["invoice", "meter"], name="stripe_summary_once"),
         ]
+
+    @property
+    def identifier(self) -> str:
+        return self.summary_id
 
 
 class StripeInvoice(models.Model):

@@ -38,7 +38,7 @@ from stripe_sync.models import (
     WebhookEventSeen,
 )
 from stripe_sync.selectors import Difference
-from usage.models import Meter
+from usage.models import Meter, UsageEvent
 from usage.selectors import usage_totals
 from usage.signals import StoredEvent
 
@@ -124,7 +124,7 @@ def meters_provision(*, now: datetime | None = None) -> list[StripeMeter]:
 
 def event_identifier(event_id: int) -> str:
     """The meter event's identifier: our event's id, so every resend is the same event."""
-    return f"meterline-evt-{event_id}"
+    return OutboxEvent(event_id=event_id).identifier
 
 
 def outbox_record(*, organisation: Organisation, events: list[StoredEvent]) -> int:
@@ -137,22 +137,27 @@ def outbox_record(*, organisation: Organisation, events: list[StoredEvent]) -> i
     )
     if not streamed:
         return 0
-    now = timezone.now()
-    rows = [
-        OutboxEvent(
-            event_id=event.id,
-            organisation=organisation,
-            meter_id=event.meter.pk,
-            identifier=event_identifier(event.id),
-            quantity=event.quantity,
-            timestamp=event.timestamp,
-            next_attempt_at=now,
-        )
-        for event in events
-        if event.meter.pk in streamed
-    ]
-    OutboxEvent.objects.bulk_create(rows)
-    return len(rows)
+    ids = [event.id for event in events if event.meter.pk in streamed]
+    # Copied in SQL from the rows just stored: a third of the cost of building model instances
+    # for bulk_create, on the ingestion path (bench/stripe_outbox.py).
+    quote = connection.ops.quote_name
+    columns = (
+        "event_id, organisation_id, meter_id, quantity, "
+        f"{quote('timestamp')}, state, attempts, next_attempt_at, claim, last_error, created_at"
+    )
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    with connection.cursor() as cursor:
+        for start in range(0, len(ids), 900):  # within SQLite's limit of bound parameters
+            chunk = ids[start : start + 900]
+            cursor.execute(
+                # Table and column names are ours, not input; the values are bound parameters.
+                f"INSERT INTO {quote(OutboxEvent._meta.db_table)} ({columns}) "  # noqa: S608
+                f"SELECT id, organisation_id, meter_id, quantity, {quote('timestamp')}, "
+                f"%s, 0, %s, '', '', %s FROM {quote(UsageEvent._meta.db_table)} "
+                f"WHERE id IN ({', '.join(['%s'] * len(chunk))})",
+                [MeterEventState.PENDING, now, now, *chunk],
+            )
+    return len(ids)
 
 
 @dataclass
@@ -206,7 +211,8 @@ def _claim(*, now: datetime, limit: int) -> tuple[str, list[OutboxEvent]]:
             claim=claim, claimed_until=now + settings.STRIPE_FLUSH_LEASE
         )
     rows = list(
-        OutboxEvent.objects.filter(claim=claim)
+        # By id first: `claim` has no index (it is written for every row sent).
+        OutboxEvent.objects.filter(id__in=ids, claim=claim)
         .select_related("organisation", "meter")
         .order_by("id")
     )
@@ -415,7 +421,7 @@ def period_summaries_record(*, now: datetime | None = None) -> int:
                     invoice=invoice,
                     meter=link.meter,
                     organisation_id=invoice.organisation_id,
-                    identifier=summary_identifier(invoice_id=invoice.pk, meter_id=link.meter_id),
+                    summary_id=summary_identifier(invoice_id=invoice.pk, meter_id=link.meter_id),
                     value=totals[invoice.organisation_id],
                     # The period's last whole second: inside it, whatever Stripe's rounding.
                     timestamp=period.end.replace(microsecond=0) - timedelta(seconds=1),

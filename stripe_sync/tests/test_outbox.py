@@ -115,7 +115,7 @@ def test_already_exists_counts_as_delivered_and_other_4xx_park_only_their_event(
 
     report = outbox_flush(now=now)
 
-    states = dict(OutboxEvent.objects.values_list("identifier", "state"))
+    states = {row.identifier: row.state for row in OutboxEvent.objects.all()}
     v1 = [r.params["identifier"] for r in stripe_on.calls("POST", "/v1/billing/meter_events")]
     assert v1 == [first.identifier, second.identifier, third.identifier]
     assert states == {

@@ -72,11 +72,19 @@ class StripeMeter(models.Model):
         super().save(*args, **kwargs)
 
     def clean(self) -> None:
-        # Only these add up event by event; a max or latest meter streamed would be summed.
-        if self.mode == self.Mode.STREAM and self.meter.aggregation not in ("count", "sum"):
+        # Only these add up event by event (a max or latest meter streamed would be summed),
+        # and only without filters (every stored event is streamed, filtered out or not).
+        if self.mode != self.Mode.STREAM:
+            return
+        if self.meter.aggregation not in ("count", "sum"):
             raise ValidationError(
                 f"{self.meter.code} aggregates by {self.meter.aggregation}: only count and sum "
                 "meters can stream events; use period_summary."
+            )
+        if self.meter.filters:
+            raise ValidationError(
+                f"{self.meter.code} has filters: only meters without filters can stream events; "
+                "use period_summary."
             )
 
 

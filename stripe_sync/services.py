@@ -239,15 +239,17 @@ def outbox_flush(
     if not gateway.enabled():
         report.off = True
         return report
-    now = now or timezone.now()
     size = min(batch_size or settings.STRIPE_FLUSH_BATCH, 100)
     batches = 0
     while max_batches is None or batches < max_batches:
-        claim, rows = _claim(now=now, limit=size)
+        # The real time of each batch (unless a test runs a clock of its own): a long run's
+        # later claims must not carry a lease that has already ended.
+        clock = now or timezone.now()
+        claim, rows = _claim(now=clock, limit=size)
         if not rows:
             break
         batches += 1
-        if not _flush_batch(claim, rows, now=now, report=report):
+        if not _flush_batch(claim, rows, now=clock, report=report):
             break
     return report
 

@@ -81,6 +81,9 @@ def test_only_count_and_sum_meters_can_stream():
     with pytest.raises(ValidationError, match="only count and sum"):
         meter_configure(meter=peak, mode="stream")
     assert meter_configure(meter=peak, mode="period_summary").mode == "period_summary"
+    eu_calls = make_meter("count", code="eu_calls", filters={"region": ["eu"]})
+    with pytest.raises(ValidationError, match="without filters"):
+        meter_configure(meter=eu_calls, mode="stream")
 
 
 @pytest.mark.django_db

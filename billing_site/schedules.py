@@ -23,6 +23,12 @@ SCHEDULES = [
         "Close billing periods that ended more than BILLING_GRACE ago into invoices.",
     ),
     Planned(
+        "stripe-sync",
+        "stripe_sync.tasks.sync_stripe",
+        1,
+        "Send the meter-event outbox and period summaries to Stripe (no-op without a key).",
+    ),
+    Planned(
         "expire-credits",
         "invoices.tasks.expire_credits",
         60,

@@ -49,6 +49,8 @@ INSTALLED_APPS = [
     "plans",
     "invoices",
     "alerts",
+    "djstripe",
+    "stripe_sync",
     "portal",
 ]
 
@@ -260,3 +262,29 @@ ALERTS_WEBHOOK_TIMEOUT_SECONDS = env.int("ALERTS_WEBHOOK_TIMEOUT_SECONDS", defau
 # How long a process trusts its list of the rules ingestion checks (a rule change in another
 # process is seen by ingestion after at most this; the every-minute check sees it at once).
 ALERTS_RULE_CACHE_SECONDS = env.int("ALERTS_RULE_CACHE_SECONDS", default=10)
+
+# --- Stripe (stripe_sync; see the README) -----------------------------------------------------
+# Off until a secret key is set: events still enter the outbox, which keeps what it would send.
+STRIPE_SECRET_KEY = env.str("STRIPE_SECRET_KEY", default="")
+STRIPE_LIVE_MODE = env.bool("STRIPE_LIVE_MODE", default=False)
+# Where the SDK sends requests; changed only to point at a fake Stripe in tests.
+STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="https://api.stripe.com")
+STRIPE_METER_EVENTS_API_BASE = env.str(
+    "STRIPE_METER_EVENTS_API_BASE", default="https://meter-events.stripe.com"
+)
+if "STRIPE_API_BASE" in env:
+    # dj-stripe's own requests (webhook re-fetches); it warns when this is set in production.
+    STRIPE_API_HOST = STRIPE_API_BASE
+DJSTRIPE_FOREIGN_KEY_TO_FIELD = "id"
+# Push every finalized invoice to Stripe for collection (Meterline invoices, Stripe collects).
+STRIPE_PUSH_INVOICES = env.bool("STRIPE_PUSH_INVOICES", default=False)
+# Meter events per stream request (Stripe's v2 stream takes at most 100).
+STRIPE_FLUSH_BATCH = env.int("STRIPE_FLUSH_BATCH", default=100)
+# A flusher holds the rows it is sending this long; a flusher that dies leaves them to the next.
+STRIPE_FLUSH_LEASE = timedelta(seconds=env.int("STRIPE_FLUSH_LEASE_SECONDS", default=120))
+# Back-off after 429, 5xx or no answer: base * 2**attempt, capped, with jitter.
+STRIPE_RETRY_BASE = timedelta(seconds=env.int("STRIPE_RETRY_BASE_SECONDS", default=5))
+STRIPE_RETRY_CAP = timedelta(seconds=env.int("STRIPE_RETRY_CAP_SECONDS", default=300))
+# Stripe refuses meter events older than this; such events are reported, not sent.
+STRIPE_METER_EVENT_MAX_AGE = timedelta(days=35)
+STRIPE_TIMEOUT_SECONDS = env.int("STRIPE_TIMEOUT_SECONDS", default=20)

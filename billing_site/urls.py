@@ -9,4 +9,6 @@ urlpatterns = [
     path("portal/", include("portal.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
+    # Stripe's webhooks: dj-stripe checks the signature, mirrors the object, then our handlers run.
+    path("stripe/", include("djstripe.urls", namespace="djstripe")),
 ]

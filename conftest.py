@@ -13,7 +13,17 @@ import pytest
 from django.conf import settings
 
 from accounts.services import api_key_cache_clear
+from alerts.selectors import ingest_rules_cache_clear
+from stripe_sync.selectors import streamed_meter_cache_clear
 from usage.selectors import meter_cache_clear
+
+# Per-process caches of the ingestion path: every test starts without them.
+_PROCESS_CACHES = [
+    meter_cache_clear,
+    api_key_cache_clear,
+    ingest_rules_cache_clear,
+    streamed_meter_cache_clear,
+]
 
 
 def _available() -> set[str]:
@@ -42,12 +52,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _fresh_meter_cache():
-    """The meter and API-key caches are per process; every test starts without them."""
-    meter_cache_clear()
-    api_key_cache_clear()
+    """The ingestion path's caches are per process; every test starts without them."""
+    for clear in _PROCESS_CACHES:
+        clear()
     yield
-    meter_cache_clear()
-    api_key_cache_clear()
+    for clear in _PROCESS_CACHES:
+        clear()
 
 
 @pytest.fixture

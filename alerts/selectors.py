@@ -7,6 +7,7 @@ them, and prices it in memory with `plans.selectors.period_cost`.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,27 +37,36 @@ from usage.selectors import meter_levels_at, usage_so_far_totals
 INGEST_CHECKED = frozenset({Aggregation.COUNT, Aggregation.SUM})
 
 
-def ingest_cache_key(organisation_id: int) -> str:
-    return f"alerts:ingest-meters:{organisation_id}"
+# organisation id -> (monotonic expiry, meter ids): each process's own copy, asked on every
+# ingestion request, so it costs no query and no cache round trip while fresh.
+_INGEST_METERS: dict[int, tuple[float, frozenset[int]]] = {}
+
+
+def ingest_rules_cache_clear(organisation_id: int | None = None) -> None:
+    """Forget what ingestion checks (one organisation's, or all): this process sees a rule
+    change at once, others within ALERTS_RULE_CACHE_SECONDS."""
+    if organisation_id is None:
+        _INGEST_METERS.clear()
+    else:
+        _INGEST_METERS.pop(organisation_id, None)
 
 
 def ingest_checked_meters(organisation_id: int) -> frozenset[int]:
     """Meter ids whose new events may cross one of the organisation's rules cheaply (usage or
-    cost of a count/sum meter). Cached briefly: ingestion asks on every request."""
-    from django.core.cache import cache
-
-    key = ingest_cache_key(organisation_id)
-    cached = cache.get(key)
-    if cached is None:
-        rows = AlertRule.objects.filter(
-            organisation_id=organisation_id,
-            is_active=True,
-            metric__in=[AlertRule.Metric.USAGE, AlertRule.Metric.COST],
-            meter__aggregation__in=[a.value for a in INGEST_CHECKED],
-        ).values_list("meter_id", flat=True)
-        cached = frozenset(meter_id for meter_id in rows if meter_id is not None)
-        cache.set(key, cached, settings.ALERTS_RULE_CACHE_SECONDS)
-    return frozenset(cached)
+    cost of a count/sum meter). Cached briefly per process: ingestion asks on every request."""
+    now = time.monotonic()
+    cached = _INGEST_METERS.get(organisation_id)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    rows = AlertRule.objects.filter(
+        organisation_id=organisation_id,
+        is_active=True,
+        metric__in=[AlertRule.Metric.USAGE, AlertRule.Metric.COST],
+        meter__aggregation__in=[a.value for a in INGEST_CHECKED],
+    ).values_list("meter_id", flat=True)
+    meters = frozenset(meter_id for meter_id in rows if meter_id is not None)
+    _INGEST_METERS[organisation_id] = (now + settings.ALERTS_RULE_CACHE_SECONDS, meters)
+    return meters
 
 
 @dataclass(frozen=True)

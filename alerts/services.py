@@ -33,7 +33,12 @@ from django.utils import timezone
 
 from accounts.models import Organisation
 from alerts.models import AlertDelivery, AlertFiring, AlertRule, AlertThreshold, DeliveryAttempt
-from alerts.selectors import Observation, ingest_cache_key, rules_observe, threshold_limit
+from alerts.selectors import (
+    Observation,
+    ingest_rules_cache_clear,
+    rules_observe,
+    threshold_limit,
+)
 from alerts.webhooks import signature_header
 from plans.models import Plan, Subscription
 from usage.models import Meter
@@ -134,10 +139,8 @@ def alert_firing_acknowledge(*, firing: AlertFiring, at: datetime | None = None)
 
 
 def ingest_rules_forget(organisation_id: int | None) -> None:
-    from django.core.cache import cache
-
     if organisation_id is not None:
-        cache.delete(ingest_cache_key(organisation_id))
+        ingest_rules_cache_clear(organisation_id)
 
 
 # --- Evaluation ---------------------------------------------------------------------------------

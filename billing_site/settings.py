@@ -288,3 +288,5 @@ STRIPE_RETRY_CAP = timedelta(seconds=env.int("STRIPE_RETRY_CAP_SECONDS", default
 # Stripe refuses meter events older than this; such events are reported, not sent.
 STRIPE_METER_EVENT_MAX_AGE = timedelta(days=35)
 STRIPE_TIMEOUT_SECONDS = env.int("STRIPE_TIMEOUT_SECONDS", default=20)
+# Ingestion asks which meters stream on every request; each process keeps the answer this long.
+STRIPE_MODE_CACHE_SECONDS = env.int("STRIPE_MODE_CACHE_SECONDS", default=5)

@@ -70,6 +70,9 @@ class StripeMeter(models.Model):
         if not self.event_name:  # added in the admin, which shows it read-only
             self.event_name = f"meterline_{self.meter.code}"
         super().save(*args, **kwargs)
+        from stripe_sync.selectors import streamed_meter_cache_clear
+
+        streamed_meter_cache_clear()
 
     def clean(self) -> None:
         # Only these add up event by event (a max or latest meter streamed would be summed),

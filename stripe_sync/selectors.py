@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 
+from django.conf import settings
 from django.db.models import Sum
 
 from accounts.models import Organisation
@@ -14,6 +16,28 @@ from stripe_sync.models import MeterEventState, PeriodSummaryEvent, StripeCustom
 from usage.selectors import usage_totals
 
 _PLACES = Decimal("0.000001")
+
+
+# (monotonic expiry, ids of meters in stream mode): asked on every ingestion, so each process
+# keeps its own copy for STRIPE_MODE_CACHE_SECONDS instead of a query per request.
+_STREAMED: list[tuple[float, frozenset[int]]] = []
+
+
+def streamed_meter_cache_clear() -> None:
+    _STREAMED.clear()
+
+
+def streamed_meter_ids() -> frozenset[int]:
+    """Meters whose every event goes to Stripe through the outbox. A mode changed in another
+    process applies here within STRIPE_MODE_CACHE_SECONDS; in this one, at once."""
+    now = time.monotonic()
+    if _STREAMED and _STREAMED[0][0] > now:
+        return _STREAMED[0][1]
+    ids = frozenset(
+        StripeMeter.objects.filter(mode=StripeMeter.Mode.STREAM).values_list("meter_id", flat=True)
+    )
+    _STREAMED[:] = [(now + settings.STRIPE_MODE_CACHE_SECONDS, ids)]
+    return ids
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,17 @@ from typing import Any
 from django.dispatch import receiver
 from djstripe.event_handlers import djstripe_receiver
 
+from stripe_sync.selectors import streamed_meter_ids
 from stripe_sync.services import outbox_record, webhook_handle
 from usage.models import UsageEvent
-from usage.signals import StoredEvent, events_stored
+from usage.signals import StoredEvent, events_stored, events_will_store
+
+
+@receiver(events_will_store, sender=UsageEvent, dispatch_uid="stripe_sync_outbox_ahead")
+def _events_will_store(sender: object, meter_ids: frozenset[int], **_: Any) -> bool:
+    # Outbox rows are written for streamed meters only: then the events' insert and the rows
+    # share one transaction.
+    return not meter_ids.isdisjoint(streamed_meter_ids())
 
 
 @receiver(events_stored, sender=UsageEvent, dispatch_uid="stripe_sync_outbox")

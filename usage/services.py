@@ -23,7 +23,7 @@ from accounts.models import Organisation
 from usage.aggregation import EventValueError, MeterSpec, SpecError
 from usage.models import Meter, UsageEvent
 from usage.selectors import meter_cache_clear, meters_by_code
-from usage.signals import StoredEvent, events_stored
+from usage.signals import StoredEvent, events_stored, events_will_store
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_PROPERTIES_BYTES = 16 * 1024
@@ -162,13 +162,15 @@ def events_store_checked(
     # Inserted in key order: two requests with overlapping keys then take the unique index's
     # locks in the same order and wait for each other instead of deadlocking.
     ordered = sorted(to_store.values(), key=lambda v: v.key)
-    if events_stored.has_listeners(UsageEvent):
+    if _receivers_write(organisation, ordered):
         # Receivers write in the storing transaction (an outbox row commits with its event).
         with transaction.atomic():
             stored = _insert(organisation, ordered, now, source)
             _events_stored_send(organisation=organisation, events=ordered, stored=stored)
     else:
+        # One statement, atomic by itself: no BEGIN and COMMIT round trips.
         stored = _insert(organisation, ordered, now, source)
+        _events_stored_send(organisation=organisation, events=ordered, stored=stored)
     already = set(to_store) - stored.keys()
     existing = (
         dict(
@@ -186,11 +188,22 @@ def events_store_checked(
     return checked.answer(status_of)
 
 
+def _receivers_write(organisation: Organisation, events: Sequence[ValidEvent]) -> bool:
+    if not events or not events_will_store.has_listeners(UsageEvent):
+        return False
+    answers = events_will_store.send(
+        sender=UsageEvent,
+        organisation=organisation,
+        meter_ids=frozenset(event.meter.pk for event in events),
+    )
+    return any(answer for _, answer in answers)
+
+
 def _events_stored_send(
     *, organisation: Organisation, events: Sequence[ValidEvent], stored: Mapping[str, int]
 ) -> None:
     """Send `events_stored` for those of `events` just inserted ({key: id} in `stored`)."""
-    if stored:
+    if stored and events_stored.has_listeners(UsageEvent):
         events_stored.send(
             sender=UsageEvent,
             organisation=organisation,

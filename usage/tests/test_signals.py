@@ -6,7 +6,7 @@ import pytest
 from accounts.tests.factories import make_organisation
 from usage.models import UsageEvent
 from usage.services import events_ingest
-from usage.signals import events_stored
+from usage.signals import events_stored, events_will_store
 from usage.tests.factories import make_meter
 
 NOW = datetime(2026, 11, 23, 12, tzinfo=UTC)
@@ -73,6 +73,10 @@ def test_a_failing_receiver_rolls_the_events_back_with_its_own_writes():
     def receiver(**kwargs):
         raise RuntimeError("outbox full")
 
+    def will_write(**kwargs):
+        return True
+
+    events_will_store.connect(will_write, sender=UsageEvent, weak=False)
     events_stored.connect(receiver, sender=UsageEvent, weak=False)
     try:
         with pytest.raises(RuntimeError):
@@ -83,4 +87,35 @@ def test_a_failing_receiver_rolls_the_events_back_with_its_own_writes():
             )
     finally:
         events_stored.disconnect(receiver, sender=UsageEvent)
+        events_will_store.disconnect(will_write, sender=UsageEvent)
     assert not UsageEvent.objects.filter(organisation=org).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("will_write", [False, True])
+def test_the_insert_shares_a_transaction_with_receivers_only_when_one_will_write(will_write):
+    from django.db import connection
+
+    org = make_organisation()
+    meter = make_meter("count")
+    seen = {}
+
+    def ahead(sender, organisation, meter_ids, **kwargs):
+        seen["meter_ids"] = meter_ids
+        return will_write
+
+    def stored(sender, organisation, events, **kwargs):
+        seen["in_transaction"] = connection.in_atomic_block
+
+    events_will_store.connect(ahead, sender=UsageEvent, weak=False)
+    events_stored.connect(stored, sender=UsageEvent, weak=False)
+    try:
+        events_ingest(
+            organisation=org,
+            payloads=[{"event_name": meter.code, "idempotency_key": "k"}],
+            now=NOW,
+        )
+    finally:
+        events_will_store.disconnect(ahead, sender=UsageEvent)
+        events_stored.disconnect(stored, sender=UsageEvent)
+    assert seen == {"meter_ids": frozenset({meter.pk}), "in_transaction": will_write}

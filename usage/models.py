@@ -159,7 +159,8 @@ class HourlyUsage(models.Model):
     """One organisation's folded events of one meter in one UTC hour `[hour, hour + 1h)`.
 
     Holds what the hour's events aggregate to for every aggregation that merges: count, sum,
-    max and the latest reading (by timestamp, then id). `received_max` is the latest receipt
+    max and the latest reading (by timestamp, then id); for weighted_sum also the first reading
+    and the level's integral inside the hour. `received_max` is the latest receipt
     time among them: a read "as received until R" uses the bucket only when it is <= R.
     """
 
@@ -175,6 +176,13 @@ class HourlyUsage(models.Model):
     last_timestamp = models.DateTimeField(null=True)
     last_id = models.BigIntegerField(null=True)
     last_quantity = models.DecimalField(max_digits=24, decimal_places=6, null=True)
+    # weighted_sum only: the hour's first event, and the integral of the level between its
+    # first and last events (level x microseconds, exact); a reader joins buckets by carrying
+    # each one's last level to the next one's first event.
+    first_timestamp = models.DateTimeField(null=True)
+    first_id = models.BigIntegerField(null=True)
+    first_quantity = models.DecimalField(max_digits=24, decimal_places=6, null=True)
+    level_integral = ExactDecimalField(max_digits=40, decimal_places=6, null=True)
     received_max = models.DateTimeField()
 
     class Meta:

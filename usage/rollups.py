@@ -3,9 +3,11 @@
 What is kept. `HourlyUsage` holds, per organisation, meter and UTC hour, what the hour's events
 aggregate to for every aggregation that merges (count, sum, max, the latest reading by
 (timestamp, id)) and the latest receipt time among them; `HourlyUniqueValue` holds the distinct
-values a `unique_count` meter saw in that hour. `weighted_sum` meters are read from their raw
-level changes, which are few. Readers (`usage.selectors`) take whole hours from the buckets and
-everything else from raw events, so every figure stays exact.
+values a `unique_count` meter saw in that hour. For `weighted_sum` a bucket also keeps its first
+reading and the level's integral between its first and last readings; a reader joins buckets by
+carrying each one's last level to the next one's first reading. Readers (`usage.selectors`)
+take whole hours from the buckets and everything else from raw events, so every figure stays
+exact.
 
 The watermark. `RollupState` says which events are in the buckets; a fold moves it forward and
 writes the buckets in the same transaction, so a fold that fails changes nothing and no event is
@@ -37,7 +39,6 @@ and every minute by the `fold-rollups` schedule, which also rebuilds changed met
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ from django.db.models import Count, F, Max, Q, QuerySet, Window
 from django.db.models.functions import RowNumber, TruncHour
 from django.utils import timezone
 
-from core.periods import Period
+from core.periods import Period, duration_microseconds
 from usage.aggregation import Aggregation
 from usage.models import (
     HourlyUniqueValue,
@@ -62,18 +63,19 @@ from usage.models import (
     UsageEvent,
 )
 from usage.selectors import (
+    HOUR,
     ROLLED_UP,
     ExactSum,
     UniqueText,
     Watermark,
     _filtered,
     folded,
+    hour_floor,
     unfolded,
 )
 
-logger = logging.getLogger(__name__)
-
 WRITE_BATCH = 2000
+_LEVEL_FIELDS = ["first_timestamp", "first_id", "first_quantity", "level_integral"]
 _BUCKET_FIELDS = [
     "events",
     "total",
@@ -180,6 +182,8 @@ def _range(lower: Watermark | None, upper: Watermark) -> Q:
 def _fold_meter(meter: Meter, *, lower: Watermark | None, upper: Watermark) -> tuple[int, int]:
     """Merge the meter's events between the cursors into its buckets; return (events, buckets)."""
     events = _filtered(UsageEvent.objects.filter(meter=meter), meter).filter(_range(lower, upper))
+    if meter.spec.aggregation == Aggregation.WEIGHTED_SUM:
+        return _fold_levels(meter, events, upper)
     partials = _partials(meter, events)
     if not partials:
         return 0, 0
@@ -217,6 +221,72 @@ def _fold_meter(meter: Meter, *, lower: Watermark | None, upper: Watermark) -> t
             ignore_conflicts=True,
         )
     return sum(partial.events for partial in partials.values()), len(partials)
+
+
+def _fold_levels(meter: Meter, events: QuerySet[UsageEvent], upper: Watermark) -> tuple[int, int]:
+    """Recompute the weighted_sum buckets the new events touch from all their folded events.
+
+    A level's integral depends on the order of the hour's events, so a late event in the middle
+    of an hour cannot be merged: its hour is recomputed (level meters see few events an hour).
+    """
+    touched = set(events.order_by().annotate(_h=_hour()).values_list("organisation_id", "_h"))
+    if not touched:
+        return 0, 0
+    hours = [hour for _, hour in touched]
+    around = _filtered(UsageEvent.objects.filter(meter=meter), meter).filter(
+        folded(upper),
+        organisation_id__in={organisation_id for organisation_id, _ in touched},
+        timestamp__gte=min(hours),
+        timestamp__lt=max(hours) + HOUR,
+    )
+    buckets = [bucket for key, bucket in _level_buckets(meter, around).items() if key in touched]
+    HourlyUsage.objects.bulk_create(
+        buckets,
+        batch_size=WRITE_BATCH,
+        update_conflicts=True,
+        unique_fields=["organisation", "meter", "hour"],
+        update_fields=_BUCKET_FIELDS + _LEVEL_FIELDS,
+    )
+    return events.count(), len(buckets)
+
+
+def _level_buckets(
+    meter: Meter, events: QuerySet[UsageEvent]
+) -> dict[tuple[int, datetime], HourlyUsage]:
+    """Whole buckets of a weighted_sum meter from its events, in (timestamp, id) order."""
+    buckets: dict[tuple[int, datetime], HourlyUsage] = {}
+    rows = events.order_by("organisation_id", "timestamp", "id").values_list(
+        "organisation_id", "timestamp", "id", "quantity", "received_at"
+    )
+    for organisation_id, at, event_id, value, received in rows.iterator(chunk_size=5000):
+        quantity = Decimal(str(value))
+        key = (organisation_id, hour_floor(at))
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = HourlyUsage(
+                organisation_id=organisation_id,
+                meter=meter,
+                hour=key[1],
+                events=0,
+                total=Decimal(0),
+                first_timestamp=at,
+                first_id=event_id,
+                first_quantity=quantity,
+                level_integral=Decimal(0),
+                received_max=received,
+            )
+        else:
+            previous_at, previous = bucket.last_timestamp, bucket.last_quantity
+            assert previous_at is not None and previous is not None  # noqa: S101 - set below
+            bucket.level_integral = (bucket.level_integral or Decimal(0)) + previous * (
+                duration_microseconds(at - previous_at)
+            )
+        bucket.events += 1
+        bucket.total += quantity
+        bucket.peak = quantity if bucket.peak is None else max(bucket.peak, quantity)
+        bucket.last_timestamp, bucket.last_id, bucket.last_quantity = at, event_id, quantity
+        bucket.received_max = max(bucket.received_max, received)
+    return buckets
 
 
 def _hour() -> TruncHour:
@@ -361,8 +431,12 @@ def rollups_verify(*, period: Period | None = None) -> tuple[int, list[Differenc
                 events = events.filter(timestamp__gte=period.start, timestamp__lt=period.end)
                 buckets = buckets.filter(hour__gte=period.start, hour__lt=period.end)
                 values = values.filter(hour__gte=period.start, hour__lt=period.end)
-            expected = {key: _shown(meter, p) for key, p in _partials(meter, events).items()}
-            stored = {(b.organisation_id, b.hour): _shown(meter, _as_partial(b)) for b in buckets}
+            if meter.spec.aggregation == Aggregation.WEIGHTED_SUM:
+                expected = {k: _shown_bucket(b) for k, b in _level_buckets(meter, events).items()}
+                stored = {(b.organisation_id, b.hour): _shown_bucket(b) for b in buckets}
+            else:
+                expected = {k: _shown(p) for k, p in _partials(meter, events).items()}
+                stored = {(b.organisation_id, b.hour): _shown(_as_partial(b)) for b in buckets}
             if meter.spec.aggregation == Aggregation.UNIQUE_COUNT:
                 _add_values(expected, _unique_values(meter, events))
                 _add_values(stored, values.values_list("organisation_id", "hour", "value"))
@@ -388,7 +462,17 @@ def _as_partial(bucket: HourlyUsage) -> _Partial:
     return _Partial(bucket.events, bucket.total, bucket.peak, last, bucket.received_max)
 
 
-def _shown(meter: Meter, partial: _Partial) -> str:
+def _shown_bucket(bucket: HourlyUsage) -> str:
+    text = _shown(_as_partial(bucket))
+    if bucket.first_timestamp is not None and bucket.first_quantity is not None:
+        text += (
+            f" first={bucket.first_quantity.normalize():f}@{bucket.first_timestamp.isoformat()}"
+            f" integral={(bucket.level_integral or Decimal(0)).normalize():f}"
+        )
+    return text
+
+
+def _shown(partial: _Partial) -> str:
     text = f"count={partial.events} sum={partial.total.normalize():f}"
     if partial.peak is not None:
         text += f" max={partial.peak.normalize():f}"

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from django.core.exceptions import EmptyResultSet
@@ -43,7 +43,7 @@ from django.db.models.fields.json import KeyTransform
 from django.db.models.functions import Lead, RowNumber, TruncDay, TruncHour
 
 from accounts.models import Organisation
-from core.periods import Period, day_buckets, hour_buckets
+from core.periods import Period, day_buckets, duration_microseconds, hour_buckets
 from usage.aggregation import Aggregation, MeterSpec, Reading, level_average, level_integral
 from usage.models import HourlyUniqueValue, HourlyUsage, Meter, UsageEvent
 
@@ -136,8 +136,8 @@ def _filtered(events: QuerySet[UsageEvent], meter: Meter) -> QuerySet[UsageEvent
 HOUR = timedelta(hours=1)
 # A read that sees a fold commit between its queries starts again; after this many it reads raw.
 ROLLUP_READ_ATTEMPTS = 3
-# Aggregations read from hourly buckets; weighted_sum reads its (rare) level changes raw.
-ROLLED_UP = frozenset(Aggregation) - {Aggregation.WEIGHTED_SUM}
+# Aggregations read from hourly buckets (all of them; a switch for benchmarks).
+ROLLED_UP = frozenset(Aggregation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,28 +285,188 @@ def _rolled_up(
     meter's buckets cannot be used (the caller then reads raw events).
 
     `key` groups the values (a series' truncation of a time field; None: one value per
-    organisation, keyed (id, None)). Every query here runs in its own statement, so the fold's
-    version is read before and after: a fold committed in between makes the read start again.
+    organisation, keyed (id, 0)).
     """
-    if meter.spec.aggregation not in ROLLED_UP:
+    if meter.spec.aggregation == Aggregation.WEIGHTED_SUM:
         return None
-    cuts = list(cuts)
-    for _attempt in range(ROLLUP_READ_ATTEMPTS):
-        state = rollup_state(meter)
-        if state is None:
-            return None
-        values = _rollup_compute(
+    cut_list = list(cuts)
+    return _consistent(
+        meter,
+        lambda mark: _rollup_compute(
             organisation_ids=organisation_ids,
             meter=meter,
             period=period,
             received_until=received_until,
-            cuts=cuts,
+            cuts=cut_list,
             key=key,
-            mark=state[0],
-        )
+            mark=mark,
+        ),
+    )
+
+
+_T = TypeVar("_T")
+
+
+def _consistent(meter: Meter, compute: Callable[[Watermark], _T]) -> _T | None:
+    """Run `compute` with the current watermark; None when the meter is not rolled up.
+
+    Its queries run as separate statements, so the fold's version is read before and after: a
+    fold committed in between makes the read start again (raw after a few tries).
+    """
+    if meter.spec.aggregation not in ROLLED_UP:
+        return None
+    for _attempt in range(ROLLUP_READ_ATTEMPTS):
+        state = rollup_state(meter)
+        if state is None:
+            return None
+        values = compute(state[0])
         if rollup_state(meter) == state:
             return values
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Stretch:
+    """Readings in time order, as a level integral sees them: a bucket or one raw event."""
+
+    first: tuple[datetime, int]
+    last_timestamp: datetime
+    last_quantity: Decimal
+    inside: Decimal  # integral between the first and the last reading
+
+
+def _level_integrals_rolled(
+    *,
+    organisation_ids: list[int],
+    meter: Meter,
+    intervals: list[Period],
+    received_until: datetime | None = None,
+) -> dict[int, list[Decimal]] | None:
+    """Each organisation's level integral over each of `intervals` (consecutive), or None
+    when the meter's buckets cannot be used. Same figures as `_level_integrals`."""
+    return _consistent(
+        meter,
+        lambda mark: _levels_compute(
+            organisation_ids=organisation_ids,
+            meter=meter,
+            intervals=intervals,
+            received_until=received_until,
+            mark=mark,
+        ),
+    )
+
+
+def _levels_compute(
+    *,
+    organisation_ids: list[int],
+    meter: Meter,
+    intervals: list[Period],
+    received_until: datetime | None,
+    mark: Watermark,
+) -> dict[int, list[Decimal]]:
+    period = Period(intervals[0].start, intervals[-1].end)
+    whole, raw = rollup_split(period, [interval.start for interval in intervals])
+    events = _filtered(
+        UsageEvent.objects.filter(organisation_id__in=organisation_ids, meter=meter), meter
+    )
+    if received_until is not None:
+        events = events.filter(received_at__lte=received_until)
+    buckets = list(
+        HourlyUsage.objects.filter(organisation_id__in=organisation_ids, meter=meter)
+        .filter(_within("hour", whole))
+        .values_list(
+            "organisation_id",
+            "hour",
+            "received_max",
+            "first_timestamp",
+            "first_id",
+            "last_timestamp",
+            "last_quantity",
+            "level_integral",
+        )
+        if whole
+        else []
+    )
+    # Hours read raw: those with events not folded yet (they may fall between a bucket's
+    # readings) and those holding events received after the cutoff.
+    raw_hours = (
+        set(
+            events.filter(_within("timestamp", whole) & unfolded(mark))
+            .order_by()
+            .annotate(_h=TruncHour("timestamp", tzinfo=UTC))
+            .values_list("organisation_id", "_h")
+            .distinct()
+        )
+        if whole
+        else set()
+    )
+    if received_until is not None:
+        raw_hours |= {(row[0], row[1]) for row in buckets if row[2] > received_until}
+    arms = _within("timestamp", raw)
+    for organisation_id, hour in raw_hours:
+        arms |= Q(organisation_id=organisation_id, timestamp__gte=hour, timestamp__lt=hour + HOUR)
+    stretches: dict[int, list[_Stretch]] = {pk: [] for pk in organisation_ids}
+    for organisation_id, hour, _, first_at, first_id, last_at, last_q, inside in buckets:
+        if (organisation_id, hour) not in raw_hours:
+            # A weighted_sum bucket always has its first and last readings.
+            assert first_at is not None and first_id is not None and last_at is not None  # noqa: S101
+            stretches[organisation_id].append(
+                _Stretch((first_at, first_id), last_at, _decimal(last_q), _decimal(inside))
+            )
+    points = events.filter(arms) if arms else events.none()  # Q() alone would match all
+    for organisation_id, at, pk, quantity in points.values_list(
+        "organisation_id", "timestamp", "id", "quantity"
+    ):
+        stretches[organisation_id].append(_Stretch((at, pk), at, _decimal(quantity), Decimal(0)))
+    carried = _carried_levels(events, period.start)
+    result = {}
+    for organisation_id, found in stretches.items():
+        found.sort(key=lambda stretch: stretch.first)
+        result[organisation_id] = _integrate(found, carried.get(organisation_id), intervals)
+    return result
+
+
+def _carried_levels(events: QuerySet[UsageEvent], start: datetime) -> dict[int, Decimal]:
+    """Each organisation's level at `start`: its last reading before it, by (timestamp, id)."""
+    last_at = dict(
+        events.filter(timestamp__lt=start)
+        .order_by()
+        .values("organisation_id")
+        .annotate(at=Max("timestamp"))
+        .values_list("organisation_id", "at")
+    )
+    if not last_at:
+        return {}
+    condition = Q()
+    for organisation_id, at in last_at.items():
+        condition |= Q(organisation_id=organisation_id, timestamp=at)
+    levels: dict[int, tuple[int, Decimal]] = {}
+    for organisation_id, pk, quantity in events.filter(condition).values_list(
+        "organisation_id", "id", "quantity"
+    ):
+        if organisation_id not in levels or pk > levels[organisation_id][0]:
+            levels[organisation_id] = (pk, _decimal(quantity))
+    return {organisation_id: level for organisation_id, (_, level) in levels.items()}
+
+
+def _integrate(
+    stretches: list[_Stretch], carried: Decimal | None, intervals: list[Period]
+) -> list[Decimal]:
+    """Integrate the level over each interval: each stretch lies inside one interval, and the
+    level between stretches is the previous one's last reading (the carried level first)."""
+    integrals = []
+    level = carried or Decimal(0)
+    position = 0
+    for interval in intervals:
+        total = Decimal(0)
+        at = interval.start
+        while position < len(stretches) and stretches[position].first[0] < interval.end:
+            stretch = stretches[position]
+            total += level * duration_microseconds(stretch.first[0] - at) + stretch.inside
+            level, at = stretch.last_quantity, stretch.last_timestamp
+            position += 1
+        integrals.append(total + level * duration_microseconds(interval.end - at))
+    return integrals
 
 
 def _rollup_compute(
@@ -491,8 +651,25 @@ def usage_total(
             last = inside.order_by("-timestamp", "-id").values_list("quantity", flat=True).first()
             return _decimal(last)
         case Aggregation.WEIGHTED_SUM:
-            return level_average(_level_integral(events, period), period)
+            integral = _level_integral_of(organisation, meter, period, received_until)
+            return level_average(integral, period)
     raise AssertionError(spec.aggregation)  # pragma: no cover
+
+
+def _level_integral_of(
+    organisation: Organisation, meter: Meter, period: Period, received_until: datetime | None
+) -> Decimal:
+    """The level integral over `period`, from the rollups when they can be used, else raw."""
+    rolled = _level_integrals_rolled(
+        organisation_ids=[organisation.pk],
+        meter=meter,
+        intervals=[period],
+        received_until=received_until,
+    )
+    if rolled is not None:
+        return rolled[organisation.pk][0]
+    events = meter_events(organisation=organisation, meter=meter, received_until=received_until)
+    return _level_integral(events, period)
 
 
 def usage_so_far(
@@ -516,8 +693,8 @@ def usage_so_far(
         return Decimal(0)
     elapsed = Period(period.start, as_of)
     if meter.spec.aggregation == Aggregation.WEIGHTED_SUM:
-        events = meter_events(organisation=organisation, meter=meter, received_until=received_until)
-        return level_average(_level_integral(events, elapsed), period)
+        integral = _level_integral_of(organisation, meter, elapsed, received_until)
+        return level_average(integral, period)
     return usage_total(
         organisation=organisation, meter=meter, period=elapsed, received_until=received_until
     )
@@ -538,6 +715,15 @@ def usage_totals(
     weighted_sum): what a period close reads for a batch instead of queries per customer.
     Equal to `usage_total` for each organisation (a test holds them to it)."""
     spec = meter.spec
+    if spec.aggregation == Aggregation.WEIGHTED_SUM:
+        levels = _level_integrals_rolled(
+            organisation_ids=organisation_ids,
+            meter=meter,
+            intervals=[period],
+            received_until=received_until,
+        )
+        if levels is not None:
+            return {pk: level_average(integrals[0], period) for pk, integrals in levels.items()}
     rolled = _rolled_up(
         organisation_ids=organisation_ids,
         meter=meter,
@@ -676,7 +862,16 @@ def usage_series(
     events = meter_events(organisation=organisation, meter=meter)
     spec = meter.spec
     if spec.aggregation == Aggregation.WEIGHTED_SUM:
-        return _level_series(events, period, buckets)
+        levels = _level_integrals_rolled(
+            organisation_ids=[organisation.pk], meter=meter, intervals=buckets
+        )
+        if levels is None:
+            return _level_series(events, period, buckets)
+        integrals = levels[organisation.pk]
+        return [
+            (bucket, level_average(integral, bucket))
+            for bucket, integral in zip(buckets, integrals, strict=True)
+        ]
 
     starts = [bucket.start for bucket in buckets]
     values = [Decimal(0)] * len(buckets)

@@ -51,6 +51,7 @@ def make_meters():
         make_meter("max", code="peak", property="n"),
         make_meter("latest", code="seats", property="n"),
         make_meter("unique_count", code="users", property="user"),
+        make_meter("weighted_sum", code="storage", property="n"),
     ]
 
 
@@ -122,7 +123,7 @@ def test_split_reads_whole_hours_from_buckets_and_the_rest_raw():
 # five hours (events land in hours already folded: late and backdated), a meter, values.
 _event = st.tuples(
     st.integers(0, 40),
-    st.sampled_from(["calls", "tokens", "peak", "seats", "users"]),
+    st.sampled_from(["calls", "tokens", "peak", "seats", "users", "storage"]),
     st.sampled_from([0, 1, 59, 60, 61, 119, 150, 179, 180, 239, 240, 299, -30]),
     st.sampled_from(["0.1", "0.2", "7", "123456789.123456", "0"]),
     st.sampled_from(["eu", "us"]),

@@ -27,6 +27,7 @@ from django.db.models import (
     Aggregate,
     BooleanField,
     Count,
+    DecimalField,
     Expression,
     F,
     Func,
@@ -371,49 +372,44 @@ def _levels_compute(
     )
     if received_until is not None:
         events = events.filter(received_at__lte=received_until)
-    buckets = list(
-        HourlyUsage.objects.filter(organisation_id__in=organisation_ids, meter=meter)
-        .filter(_within("hour", whole))
-        .values_list(
-            "organisation_id",
-            "hour",
-            "received_max",
-            "first_timestamp",
-            "first_id",
-            "last_timestamp",
-            "last_quantity",
-            "level_integral",
-        )
-        if whole
-        else []
-    )
+    buckets = HourlyUsage.objects.filter(organisation_id__in=organisation_ids, meter=meter)
+    buckets = buckets.filter(_within("hour", whole)) if whole else buckets.none()
     # Hours read raw: those with events not folded yet (they may fall between a bucket's
     # readings) and those holding events received after the cutoff.
-    raw_hours = (
-        set(
+    raw_hours: set[tuple[int, datetime]] = set()
+    if whole:
+        raw_hours |= set(
             events.filter(_within("timestamp", whole) & unfolded(mark))
             .order_by()
             .annotate(_h=TruncHour("timestamp", tzinfo=UTC))
             .values_list("organisation_id", "_h")
             .distinct()
         )
-        if whole
-        else set()
-    )
-    if received_until is not None:
-        raw_hours |= {(row[0], row[1]) for row in buckets if row[2] > received_until}
+        if received_until is not None:
+            late = buckets.filter(received_max__gt=received_until)
+            raw_hours |= set(late.values_list("organisation_id", "hour"))
     arms = _within("timestamp", raw)
     for organisation_id, hour in raw_hours:
         arms |= Q(organisation_id=organisation_id, timestamp__gte=hour, timestamp__lt=hour + HOUR)
-    stretches: dict[int, list[_Stretch]] = {pk: [] for pk in organisation_ids}
-    for organisation_id, hour, _, first_at, first_id, last_at, last_q, inside in buckets:
-        if (organisation_id, hour) not in raw_hours:
-            # A weighted_sum bucket always has its first and last readings.
-            assert first_at is not None and first_id is not None and last_at is not None  # noqa: S101
-            stretches[organisation_id].append(
-                _Stretch((first_at, first_id), last_at, _decimal(last_q), _decimal(inside))
-            )
+        buckets = buckets.exclude(organisation_id=organisation_id, hour=hour)
     points = events.filter(arms) if arms else events.none()  # Q() alone would match all
+    if len(intervals) == 1:
+        return _levels_in_sql(organisation_ids, buckets, points, events, period)
+
+    stretches: dict[int, list[_Stretch]] = {pk: [] for pk in organisation_ids}
+    for organisation_id, first_at, first_id, last_at, last_q, inside in buckets.values_list(
+        "organisation_id",
+        "first_timestamp",
+        "first_id",
+        "last_timestamp",
+        "last_quantity",
+        "level_integral",
+    ):
+        # A weighted_sum bucket always has its first and last readings.
+        assert first_at is not None and first_id is not None and last_at is not None  # noqa: S101
+        stretches[organisation_id].append(
+            _Stretch((first_at, first_id), last_at, _decimal(last_q), _decimal(inside))
+        )
     for organisation_id, at, pk, quantity in points.values_list(
         "organisation_id", "timestamp", "id", "quantity"
     ):
@@ -424,6 +420,78 @@ def _levels_compute(
         found.sort(key=lambda stretch: stretch.first)
         result[organisation_id] = _integrate(found, carried.get(organisation_id), intervals)
     return result
+
+
+def _levels_in_sql(
+    organisation_ids: list[int],
+    buckets: QuerySet[HourlyUsage],
+    points: QuerySet[UsageEvent],
+    events: QuerySet[UsageEvent],
+    period: Period,
+) -> dict[int, list[Decimal]]:
+    """One period's level integrals computed in the database, over buckets and raw readings.
+
+    Each stretch (a bucket, or one reading) contributes its inside integral plus its last level
+    held until the next stretch's first reading (LEAD) or the period's end; the last readings
+    before the period are stretches too, clipped to its start.
+    """
+    carried_at = (
+        events.filter(timestamp__lt=period.start)
+        .order_by()
+        .values("organisation_id")
+        .annotate(at=Max("timestamp"))
+        .values_list("organisation_id", "at")
+    )
+    condition = Q()
+    for organisation_id, at in carried_at:
+        condition |= Q(organisation_id=organisation_id, timestamp=at)
+    if condition:
+        points = points | events.filter(condition)
+    zero = Value(Decimal(0), output_field=DecimalField(max_digits=40, decimal_places=6))
+    union, params = _union_sql(
+        (
+            _stretches(
+                buckets, "first_timestamp", "first_id", "last_timestamp", "last_quantity"
+            ).annotate(_in=F("level_integral")),
+            _stretches(points, "timestamp", "id", "timestamp", "quantity").annotate(_in=zero),
+        ),
+        ("_o", "_f", "_fi", "_l", "_q", "_in"),
+    )
+    integrals = {pk: [Decimal(0)] for pk in organisation_ids}
+    if not union:
+        return integrals
+    start = connection.ops.adapt_datetimefield_value(period.start)
+    end = connection.ops.adapt_datetimefield_value(period.end)
+    if connection.vendor == "postgresql":
+        held = (
+            "CAST(SUM(u._q * EXTRACT(EPOCH FROM (GREATEST(COALESCE(u._next, %s), %s) "
+            "- GREATEST(u._l, %s))) * 1000000) AS TEXT)"
+        )
+        inside = "CAST(SUM(CAST(u._in AS NUMERIC)) AS TEXT)"
+    else:
+        held = (
+            "ml_dsum_product(u._q, ml_epoch_us(MAX(COALESCE(u._next, %s), %s)) "
+            "- ml_epoch_us(MAX(u._l, %s)))"
+        )
+        inside = "ml_dsum(u._in)"
+    query = (
+        f"SELECT u._o, {held}, {inside} FROM (SELECT i.*, LEAD(i._f) OVER "  # noqa: S608
+        f"(PARTITION BY i._o ORDER BY i._f, i._fi) AS _next FROM ({union}) i) u GROUP BY u._o"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(query, [end, start, start, *params])
+        for organisation_id, held_part, inside_part in cursor.fetchall():
+            integrals[organisation_id] = [_decimal(held_part) + _decimal(inside_part)]
+    return integrals
+
+
+def _stretches(source: QuerySet[Any], *fields: str) -> QuerySet[Any]:
+    """`source` as stretches: organisation, first reading (time, id), last reading and level."""
+    first, first_id, last, level = fields
+    stretches: QuerySet[Any] = source.order_by().annotate(
+        _o=F("organisation_id"), _f=F(first), _fi=F(first_id), _l=F(last), _q=F(level)
+    )
+    return stretches
 
 
 def _carried_levels(events: QuerySet[UsageEvent], start: datetime) -> dict[int, Decimal]:
@@ -592,20 +660,28 @@ def _latest_of(*sources: QuerySet[Any]) -> Grouped:
 
 def _distinct_union(*sources: QuerySet[Any]) -> Grouped:
     """COUNT(DISTINCT _v) per (_o, _k) over the union of the sources' rows."""
-    parts: list[str] = []
-    params: list[Any] = []
-    for source in sources:
-        try:
-            sql, source_params = source.values_list("_o", "_k", "_v").query.sql_with_params()
-        except EmptyResultSet:
-            continue  # a `.none()` source: no rows
-        parts.append(f"SELECT * FROM ({sql}) p")  # noqa: S608 - Django's compiled SQL
-        params += source_params
-    union = " UNION ALL ".join(parts)
+    union, params = _union_sql(sources, ("_o", "_k", "_v"))
+    if not union:
+        return {}
     query = f"SELECT u._o, u._k, COUNT(DISTINCT u._v) FROM ({union}) u GROUP BY u._o, u._k"  # noqa: S608 - our own compiled SQL, parameters apart
     with connection.cursor() as cursor:
         cursor.execute(query, params)
         return {(o, k): Decimal(n) for o, k, n in cursor.fetchall()}
+
+
+def _union_sql(sources: Iterable[QuerySet[Any]], columns: tuple[str, ...]) -> tuple[str, list[Any]]:
+    """The sources' `columns` as one UNION ALL (Django's compiled SQL, parameters apart);
+    empty when every source is `.none()`."""
+    parts: list[str] = []
+    params: list[Any] = []
+    for source in sources:
+        try:
+            sql, source_params = source.values_list(*columns).query.sql_with_params()
+        except EmptyResultSet:
+            continue  # a `.none()` source: no rows
+        parts.append(f"SELECT * FROM ({sql}) p")  # noqa: S608 - Django's compiled SQL
+        params += source_params
+    return " UNION ALL ".join(parts), params
 
 
 def _local_instant(value: datetime | str, zone: Any) -> datetime:

@@ -184,6 +184,8 @@ def _fold_meter(meter: Meter, *, lower: Watermark | None, upper: Watermark) -> t
     events = _filtered(UsageEvent.objects.filter(meter=meter), meter).filter(_range(lower, upper))
     if meter.spec.aggregation == Aggregation.WEIGHTED_SUM:
         return _fold_levels(meter, events, upper)
+    if connection.vendor == "postgresql":
+        return _fold_in_sql(meter, events)
     partials = _partials(meter, events)
     if not partials:
         return 0, 0
@@ -221,6 +223,72 @@ def _fold_meter(meter: Meter, *, lower: Watermark | None, upper: Watermark) -> t
             ignore_conflicts=True,
         )
     return sum(partial.events for partial in partials.values()), len(partials)
+
+
+# PostgreSQL folds in one statement: the new events grouped per (organisation, hour) and merged
+# into existing buckets by ON CONFLICT; the same merge as `_merge`.
+_FOLD_SQL = """
+WITH e AS ({events}),
+grouped AS (
+    SELECT e.organisation_id, date_trunc('hour', e."timestamp" AT TIME ZONE 'UTC')
+               AT TIME ZONE 'UTC' AS hour,
+           count(*) AS events, sum(e.quantity) AS total, max(e.quantity) AS peak,
+           max(e.received_at) AS received_max,
+           {latest}
+      FROM e GROUP BY 1, 2
+),
+merged AS (
+    INSERT INTO usage_hourlyusage AS b (organisation_id, meter_id, hour, events, total, peak,
+                                        last_timestamp, last_id, last_quantity, received_max)
+    SELECT organisation_id, %s, hour, events, total, peak, last_timestamp, last_id,
+           last_quantity, received_max
+      FROM grouped
+    ON CONFLICT (organisation_id, meter_id, hour) DO UPDATE SET
+        events = b.events + EXCLUDED.events,
+        total = b.total + EXCLUDED.total,
+        peak = GREATEST(b.peak, EXCLUDED.peak),
+        received_max = GREATEST(b.received_max, EXCLUDED.received_max),
+        last_timestamp = CASE WHEN {newer} THEN EXCLUDED.last_timestamp ELSE b.last_timestamp END,
+        last_id = CASE WHEN {newer} THEN EXCLUDED.last_id ELSE b.last_id END,
+        last_quantity = CASE WHEN {newer} THEN EXCLUDED.last_quantity ELSE b.last_quantity END
+    RETURNING 1
+)
+SELECT (SELECT coalesce(sum(events), 0) FROM grouped), (SELECT count(*) FROM merged)
+"""
+_LATEST_SQL = """max(e."timestamp") AS last_timestamp,
+           (array_agg(e.id ORDER BY e."timestamp" DESC, e.id DESC))[1] AS last_id,
+           (array_agg(e.quantity ORDER BY e."timestamp" DESC, e.id DESC))[1] AS last_quantity"""
+_NO_LATEST_SQL = """NULL::timestamptz AS last_timestamp, NULL::bigint AS last_id,
+           NULL::numeric AS last_quantity"""
+_NEWER_SQL = (
+    "(EXCLUDED.last_timestamp IS NOT NULL AND (b.last_timestamp IS NULL OR "
+    "(EXCLUDED.last_timestamp, EXCLUDED.last_id) > (b.last_timestamp, b.last_id)))"
+)
+_UNIQUE_SQL = """
+INSERT INTO usage_hourlyuniquevalue (organisation_id, meter_id, hour, value)
+SELECT DISTINCT v.organisation_id, %s, v._h, v._v FROM ({values}) v
+ON CONFLICT DO NOTHING
+"""
+
+
+def _fold_in_sql(meter: Meter, events: QuerySet[UsageEvent]) -> tuple[int, int]:
+    """The fold of one meter's new events in PostgreSQL (what the loop below does in Python)."""
+    latest = meter.spec.aggregation == Aggregation.LATEST
+    inner, params = (
+        events.order_by()
+        .values("organisation_id", "timestamp", "id", "quantity", "received_at")
+        .query.sql_with_params()
+    )
+    query = _FOLD_SQL.format(
+        events=inner, latest=_LATEST_SQL if latest else _NO_LATEST_SQL, newer=_NEWER_SQL
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(query, [*params, meter.pk])
+        folded_events, buckets = cursor.fetchone()
+        if meter.spec.aggregation == Aggregation.UNIQUE_COUNT and folded_events:
+            values, value_params = _unique_rows(meter, events).query.sql_with_params()
+            cursor.execute(_UNIQUE_SQL.format(values=values), [meter.pk, *value_params])
+    return int(folded_events), int(buckets)
 
 
 def _fold_levels(meter: Meter, events: QuerySet[UsageEvent], upper: Watermark) -> tuple[int, int]:
@@ -331,16 +399,20 @@ def _partials(meter: Meter, events: QuerySet[UsageEvent]) -> dict[tuple[int, dat
     return partials
 
 
-def _unique_values(meter: Meter, events: QuerySet[UsageEvent]) -> Iterable[tuple[int, Any, str]]:
+def _unique_rows(meter: Meter, events: QuerySet[UsageEvent]) -> QuerySet[UsageEvent, Any]:
+    """(organisation, UTC hour `_h`, value `_v`) of each event that has a value."""
     assert meter.spec.property is not None  # noqa: S101 - unique_count meters have a property
-    return (
+    rows: QuerySet[UsageEvent, Any] = (
         events.order_by()
         .annotate(_h=_hour(), _v=UniqueText(meter.spec.property))
         .filter(_v__isnull=False)
         .values_list("organisation_id", "_h", "_v")
-        .distinct()
-        .iterator(chunk_size=WRITE_BATCH)
     )
+    return rows
+
+
+def _unique_values(meter: Meter, events: QuerySet[UsageEvent]) -> Iterable[tuple[int, Any, str]]:
+    return _unique_rows(meter, events).distinct().iterator(chunk_size=WRITE_BATCH)
 
 
 def _merge(bucket: HourlyUsage, partial: _Partial) -> None:

@@ -300,3 +300,25 @@ def test_the_scheduled_task_folds_and_rebuilds():
     assert f"rebuilt {meter.code}" in message
     day = Period(START, START + timedelta(days=1))
     assert usage_total(organisation=org, meter=Meter.objects.get(pk=meter.pk), period=day) == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_events_inserted_by_plain_sql_carry_their_transaction_and_are_folded():
+    # A COPY or INSERT ... SELECT path (a buffer's drain) names no xact_id: the default sets it.
+    org = make_organisation()
+    meter = make_meter("sum", property="n")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO usage_usageevent (organisation_id, meter_id, quantity, properties, "
+            '"timestamp", received_at, idempotency_key, source) '
+            "SELECT %s, %s, 2.5, '{}'::jsonb, %s, %s, 'k' || i, 'import' "
+            "FROM generate_series(1, 4) AS i",
+            [org.pk, meter.pk, START + timedelta(minutes=5), NOW],
+        )
+        cursor.execute("SELECT count(DISTINCT xact_id) FROM usage_usageevent")
+        assert cursor.fetchone()[0] == 1
+    assert rollups_fold().events == 4
+    assert HourlyUsage.objects.get(meter=meter).total == Decimal(10)
+    day = Period(START, START + timedelta(days=1))
+    assert usage_total(organisation=org, meter=meter, period=day) == Decimal(10)

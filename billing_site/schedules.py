@@ -17,6 +17,12 @@ class Planned:
 
 SCHEDULES = [
     Planned(
+        "fold-rollups",
+        "usage.tasks.fold_rollups",
+        1,
+        "Fold newly committed usage events into the hourly rollups; rebuild changed meters.",
+    ),
+    Planned(
         "close-periods",
         "invoices.tasks.close_due_periods",
         5,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -124,3 +125,125 @@ class UsageEvent(models.Model):
         # As ingestion sets it (bulk inserts compute it in SQL).
         self.delayed = self.received_at - self.timestamp > settings.INGEST_DELAYED_AFTER
         super().save(*args, **kwargs)
+
+
+# --- Rollups (see usage.rollups for how they are kept and why they are exact) --------------------
+
+
+class ExactDecimalField(models.DecimalField):  # type: ignore[type-arg]
+    """A decimal that stays exact on every backend: NUMERIC on PostgreSQL, TEXT on SQLite.
+
+    SQLite keeps a DECIMAL column as a double (15 significant digits), enough for one event's
+    quantity but not for an hour's sum of a million of them. Its internal type is TextField so
+    that SQLite's float converter is not applied; `ml_dsum` adds the text exactly.
+    """
+
+    def get_internal_type(self) -> str:
+        return "TextField"
+
+    def db_type(self, connection: Any) -> str:
+        if connection.vendor == "sqlite":
+            return "text"
+        return f"numeric({self.max_digits}, {self.decimal_places})"
+
+    def get_db_prep_value(self, value: Any, connection: Any, prepared: bool = False) -> Any:
+        if value is None:
+            return None
+        return str(self.to_python(value)) if connection.vendor == "sqlite" else value
+
+    def from_db_value(self, value: Any, expression: Any, connection: Any) -> Decimal | None:
+        return None if value is None else Decimal(str(value))
+
+
+class HourlyUsage(models.Model):
+    """One organisation's folded events of one meter in one UTC hour `[hour, hour + 1h)`.
+
+    Holds what the hour's events aggregate to for every aggregation that merges: count, sum,
+    max and the latest reading (by timestamp, then id); for weighted_sum also the first reading
+    and the level's integral inside the hour. `received_max` is the latest receipt
+    time among them: a read "as received until R" uses the bucket only when it is <= R.
+    """
+
+    organisation = models.ForeignKey(Organisation, on_delete=models.CASCADE, related_name="+")
+    meter = models.ForeignKey(Meter, on_delete=models.CASCADE, related_name="+")
+    # Start of the UTC hour; events at exactly hour + 1h belong to the next bucket.
+    hour = models.DateTimeField()
+    events = models.BigIntegerField(default=0)
+    # Exact sum of the quantities: 38 digits hold any number of 24-digit quantities we can store.
+    total = ExactDecimalField(max_digits=38, decimal_places=6, default=Decimal(0))
+    peak = models.DecimalField(max_digits=24, decimal_places=6, null=True)
+    # The hour's last event (timestamp, id): a `latest` meter's reading.
+    last_timestamp = models.DateTimeField(null=True)
+    last_id = models.BigIntegerField(null=True)
+    last_quantity = models.DecimalField(max_digits=24, decimal_places=6, null=True)
+    # weighted_sum only: the hour's first event, and the integral of the level between its
+    # first and last events (level x microseconds, exact); a reader joins buckets by carrying
+    # each one's last level to the next one's first event.
+    first_timestamp = models.DateTimeField(null=True)
+    first_id = models.BigIntegerField(null=True)
+    first_quantity = models.DecimalField(max_digits=24, decimal_places=6, null=True)
+    level_integral = ExactDecimalField(max_digits=40, decimal_places=6, null=True)
+    received_max = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organisation", "meter", "hour"], name="hourly_usage_bucket"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.organisation_id}/{self.meter_id} {self.hour.isoformat()}"
+
+
+class HourlyUniqueValue(models.Model):
+    """A value a `unique_count` meter saw in one organisation's UTC hour (folded events only).
+
+    A period's distinct count is COUNT(DISTINCT value) over its hours: one row per value and
+    hour instead of one per event. `value` is the JSON text of the property (so "1" and 1 stay
+    distinct), computed by the same SQL expression on the raw events.
+    """
+
+    organisation = models.ForeignKey(Organisation, on_delete=models.CASCADE, related_name="+")
+    meter = models.ForeignKey(Meter, on_delete=models.CASCADE, related_name="+")
+    hour = models.DateTimeField()
+    value = models.TextField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organisation", "meter", "hour", "value"], name="hourly_unique_value"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.organisation_id}/{self.meter_id} {self.hour.isoformat()} {self.value}"
+
+
+class RollupState(models.Model):
+    """The fold's watermark: one row (pk 1). Says which events are in the buckets.
+
+    On PostgreSQL: events with `xact_id < cursor` whose `xact_id` is not in `pending` (the
+    transactions still running when the fold looked, which are folded once they have ended).
+    On SQLite: events with `id <= cursor` (`pending` stays empty). `version` grows with every
+    fold that changed something: a reader that sees it change while reading starts again.
+    """
+
+    cursor = models.BigIntegerField(default=0)
+    pending = models.JSONField(default=list)
+    version = models.BigIntegerField(default=0)
+    folded_at = models.DateTimeField(null=True)
+
+    def __str__(self) -> str:
+        return f"rollups up to {self.cursor} (version {self.version})"
+
+
+class MeterRollup(models.Model):
+    """The spec a meter's buckets were folded with; a meter whose spec changed is read raw
+    until the next fold rebuilds its buckets."""
+
+    meter = models.OneToOneField(Meter, on_delete=models.CASCADE, related_name="+")
+    spec = models.JSONField()
+
+    def __str__(self) -> str:
+        return f"rollup of {self.meter_id}"

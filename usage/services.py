@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from accounts.models import Organisation
 from usage.aggregation import EventValueError, MeterSpec, SpecError
-from usage.models import Meter, UsageEvent
+from usage.models import Meter, MeterRollup, UsageEvent
 from usage.selectors import meter_cache_clear, meters_by_code
 from usage.signals import StoredEvent, events_stored, events_will_store
 
@@ -628,6 +628,9 @@ def meter_create(
         description=description,
     )
     meter.full_clean()
-    meter.save()
+    with transaction.atomic():
+        meter.save()
+        # A new meter has no events: its (empty) buckets are current from the start.
+        MeterRollup.objects.create(meter=meter, spec=meter.spec_document())
     meter_cache_clear()
     return meter

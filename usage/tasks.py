@@ -7,6 +7,7 @@ import time
 from django.conf import settings
 
 from usage.buffer import buffer_consume, consumer_name
+from usage.rollups import rollups_fold
 
 
 def drain_ingest_buffer(intended_date: str | None = None, seconds: int = 50) -> str:
@@ -22,3 +23,12 @@ def drain_ingest_buffer(intended_date: str | None = None, seconds: int = 50) -> 
         consumer=f"q-{consumer_name()}", should_stop=lambda: time.monotonic() >= deadline
     )
     return f"stored {totals.inserted} of {totals.events} events read in {totals.batches} batches"
+
+
+def fold_rollups(intended_date: str | None = None) -> str:
+    """Fold new events into the hourly rollups (the run time does not matter to a fold)."""
+    result = rollups_fold()
+    if result.skipped:
+        return "another fold is running"
+    rebuilt = f", rebuilt {', '.join(result.rebuilt)}" if result.rebuilt else ""
+    return f"folded {result.events} events into {result.buckets} buckets{rebuilt}"

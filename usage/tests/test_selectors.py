@@ -41,9 +41,13 @@ def store(organisation, meter, at, quantity="1", **properties):
     )
 
 
-def reference(meter, organisation, period):
-    """The pure aggregation over the same stored events, in arrival (id) order."""
+def reference(meter, organisation, period, received_until=None):
+    """The pure aggregation over the same stored events (received by `received_until`), in
+    arrival (id) order."""
     spec = meter.spec
+    events = UsageEvent.objects.filter(organisation=organisation, meter=meter)
+    if received_until is not None:
+        events = events.filter(received_at__lte=received_until)
     readings = [
         Reading(
             timestamp=event.timestamp,
@@ -53,9 +57,7 @@ def reference(meter, organisation, period):
             if spec.aggregation == "unique_count"
             else None,
         )
-        for event in UsageEvent.objects.filter(organisation=organisation, meter=meter).order_by(
-            "id"
-        )
+        for event in events.order_by("id")
         if spec.matches(event.properties)
     ]
     return aggregate(spec, readings, period)

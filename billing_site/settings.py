@@ -220,10 +220,10 @@ INGEST_BUFFER_SEEN_TTL = timedelta(
 )
 if INGEST_BUFFER_SEEN_TTL < INGEST_MAX_PAST:
     raise ImproperlyConfigured("INGEST_BUFFER_SEEN_DAYS must be at least INGEST_MAX_PAST_DAYS.")
-# An API key's last_used_at is written at most this often, not on every request.
-# Usage rollups (usage.rollups): after an ingestion commit a process folds new events into the
-# hourly buckets at most this often; the `fold-rollups` schedule folds every minute besides.
+# Usage rollups (usage.rollups): after an ingestion commit a process queues a fold of new events
+# into the hourly buckets at most this often; the `fold-rollups` schedule folds every minute too.
 ROLLUP_FOLD_INTERVAL = timedelta(milliseconds=env.int("ROLLUP_FOLD_INTERVAL_MS", default=1000))
+# An API key's last_used_at is written at most this often, not on every request.
 API_KEY_LAST_USED_INTERVAL = timedelta(seconds=env.int("API_KEY_LAST_USED_SECONDS", default=60))
 # Each process remembers a verified key this long: a revocation reaches other processes within it.
 API_KEY_CACHE_SECONDS = env.int("API_KEY_CACHE_SECONDS", default=5)

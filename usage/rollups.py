@@ -450,14 +450,18 @@ def fold_after_commit(**_kwargs: object) -> None:
 
 
 def _fold_soon() -> None:
-    """Fold now unless this process folded less than ROLLUP_FOLD_INTERVAL ago (a burst's
-    commits share one fold; the minute schedule folds what the last one left)."""
+    """Queue a fold unless this process queued one less than ROLLUP_FOLD_INTERVAL ago (a burst's
+    commits share one fold; the minute schedule folds what the last one left). Queued, not run
+    here: a fold inside the request that triggered it doubled single-event ingestion's latency
+    (bench/ingest.py)."""
     global _last_fold_at  # noqa: PLW0603 - a per-process throttle
     now = time.monotonic()
     if now - _last_fold_at < settings.ROLLUP_FOLD_INTERVAL.total_seconds():
         return
     _last_fold_at = now
-    rollups_fold(rebuild=False)
+    from django_q.tasks import async_task
+
+    async_task("usage.tasks.fold_rollups", rebuild=False)
 
 
 # --- Verification -------------------------------------------------------------------------------

@@ -25,9 +25,10 @@ def drain_ingest_buffer(intended_date: str | None = None, seconds: int = 50) -> 
     return f"stored {totals.inserted} of {totals.events} events read in {totals.batches} batches"
 
 
-def fold_rollups(intended_date: str | None = None) -> str:
-    """Fold new events into the hourly rollups (the run time does not matter to a fold)."""
-    result = rollups_fold()
+def fold_rollups(intended_date: str | None = None, rebuild: bool = True) -> str:
+    """Fold new events into the hourly rollups (the run time does not matter to a fold); the
+    schedule also rebuilds meters whose spec changed, the fold queued after ingestion does not."""
+    result = rollups_fold(rebuild=rebuild)
     if result.skipped:
         return "another fold is running"
     rebuilt = f", rebuilt {', '.join(result.rebuilt)}" if result.rebuilt else ""

@@ -278,18 +278,9 @@ def test_weighted_sum_with_tied_readings_before_the_period_takes_the_last_to_arr
     assert usage_total(organisation=org, meter=meter, period=PERIOD) == 2
 
 
-@pytest.mark.django_db
-@settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    per_org=st.lists(events_strategy, min_size=1, max_size=4),
-    aggregation=st.sampled_from(AGGREGATIONS),
-    filtered=st.booleans(),
-)
-def test_batch_totals_equal_the_per_organisation_totals(per_org, aggregation, filtered):
+def _organisations_with_events(per_org, aggregation, filtered):
+    """A meter of `aggregation` (with a region filter if `filtered`) and one organisation per
+    list of drawn events, each event stored."""
     spec = (
         {}
         if aggregation == "count"
@@ -311,6 +302,22 @@ def test_batch_totals_equal_the_per_organisation_totals(per_org, aggregation, fi
                 "1" if aggregation in ("count", "unique_count") else value,
                 **properties,
             )
+    return meter, organisations
+
+
+@pytest.mark.django_db
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    per_org=st.lists(events_strategy, min_size=1, max_size=4),
+    aggregation=st.sampled_from(AGGREGATIONS),
+    filtered=st.booleans(),
+)
+def test_batch_totals_equal_the_per_organisation_totals(per_org, aggregation, filtered):
+    meter, organisations = _organisations_with_events(per_org, aggregation, filtered)
     cutoff = END + timedelta(days=30)
     batch = usage_totals(
         organisation_ids=[o.pk for o in organisations],
@@ -339,21 +346,7 @@ def test_batch_totals_equal_the_per_organisation_totals(per_org, aggregation, fi
 def test_batch_so_far_and_levels_equal_the_per_organisation_reads(
     per_org, aggregation, filtered, elapsed
 ):
-    spec = (
-        {}
-        if aggregation == "count"
-        else {"property": "user" if aggregation == "unique_count" else "v"}
-    )
-    if filtered:
-        spec["filters"] = {"region": ["eu", "us"]}
-    meter = make_meter(aggregation, **spec)
-    organisations = [make_organisation() for _ in per_org]
-    for org, events in zip(organisations, per_org, strict=True):
-        for at, value, user, region in events:
-            properties = {"v": str(value), "user": user}
-            if region is not None:
-                properties["region"] = region
-            store(org, meter, at, str(value), **properties)
+    meter, organisations = _organisations_with_events(per_org, aggregation, filtered)
     as_of = START + timedelta(hours=elapsed)
     ids = [o.pk for o in organisations]
     assert usage_so_far_totals(organisation_ids=ids, meter=meter, period=PERIOD, as_of=as_of) == {

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -437,3 +438,50 @@ def bulk_load_events(
             conn.execute(definition)
     conn.execute("SET session_replication_role = DEFAULT")
     return LoadTimes(inserted, insert_seconds, len(indexes), time.perf_counter() - began)
+
+
+# --- The benchmarks' meters and plan --------------------------------------------------------------
+
+BASE_FEE = Decimal("49")
+# One price of each common kind, on the three meters every benchmark loads.
+PRICES: dict[str, dict[str, Any]] = {
+    "api_calls": {
+        "model": "graduated",
+        "tiers": [
+            {"up_to": "1000", "unit_price": "0", "flat_fee": "0"},
+            {"up_to": "50000", "unit_price": "0.0005"},
+            {"up_to": None, "unit_price": "0.0002"},
+        ],
+    },
+    "ai_tokens": {"model": "standard", "unit_price": "0.000002"},
+    "storage_gb": {
+        "model": "package",
+        "package_size": "10",
+        "package_price": "2.5",
+        "free_units": "5",
+        "rounding": "up",
+    },
+}
+
+
+def bench_catalogue() -> tuple[dict[str, Any], Any]:
+    """Create the meters api_calls (count), ai_tokens (sum of `tokens`) and storage_gb
+    (weighted_sum of `gb`) and the USD plan `bench` pricing them (Django must be set up)."""
+    from plans.services import plan_create, price_set
+    from usage.services import meter_create
+
+    meters = {
+        "api_calls": meter_create(code="api_calls", spec={"aggregation": "count"}),
+        "ai_tokens": meter_create(
+            code="ai_tokens", spec={"aggregation": "sum", "property": "tokens"}, unit="token"
+        ),
+        "storage_gb": meter_create(
+            code="storage_gb",
+            spec={"aggregation": "weighted_sum", "property": "gb"},
+            unit="GB-month",
+        ),
+    }
+    plan = plan_create(code="bench", name="Bench plan", currency="USD", base_fee=BASE_FEE)
+    for code, spec in PRICES.items():
+        price_set(plan=plan, meter=meters[code], spec=spec)
+    return meters, plan

@@ -32,6 +32,7 @@ from typing import Any
 import psycopg
 from _common import (
     app_environment,
+    bench_catalogue,
     bulk_load_events,
     database_drop,
     database_recreate,
@@ -39,9 +40,7 @@ from _common import (
     machine_info,
     manage,
 )
-from dashboard import PRICES, django_start
-
-METER_SHARES = {"api_calls": 0.647, "ai_tokens": 0.35, "storage_gb": 0.003}
+from dashboard import METER_SHARES, django_start
 
 
 def say(text: str = "") -> None:
@@ -55,24 +54,9 @@ def setup(count: int, anchor: datetime) -> tuple[list[int], dict[str, int]]:
     from alerts.models import AlertRule
     from alerts.services import alert_rule_create
     from plans.models import Subscription
-    from plans.services import plan_create, price_set
-    from usage.services import meter_create
 
     with transaction.atomic():
-        meters = {
-            "api_calls": meter_create(code="api_calls", spec={"aggregation": "count"}),
-            "ai_tokens": meter_create(
-                code="ai_tokens", spec={"aggregation": "sum", "property": "tokens"}, unit="token"
-            ),
-            "storage_gb": meter_create(
-                code="storage_gb",
-                spec={"aggregation": "weighted_sum", "property": "gb"},
-                unit="GB-month",
-            ),
-        }
-        plan = plan_create(code="bench", name="Bench plan", currency="USD", base_fee=Decimal(49))
-        for code, spec in PRICES.items():
-            price_set(plan=plan, meter=meters[code], spec=spec)
+        meters, plan = bench_catalogue()
         organisations = Organisation.objects.bulk_create(
             Organisation(name=f"Customer {n}", slug=f"customer-{n}") for n in range(count)
         )

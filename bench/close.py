@@ -60,8 +60,10 @@ from typing import Any
 
 import psycopg
 from _common import (
+    BASE_FEE,
     REPO,
     app_environment,
+    bench_catalogue,
     bulk_load_events,
     cpu_delta,
     cpu_snapshot,
@@ -86,25 +88,6 @@ TARGET_PER_S = 10_000 / TARGET_SECONDS_FOR_10K
 BIG_SHARES = (0.05, 0.04, 0.03, 0.02, 0.02, 0.015, 0.015, 0.01, 0.01, 0.01)
 # Each organisation's events, per meter.
 METER_SHARES = {"api_calls": 0.62, "ai_tokens": 0.35, "storage_gb": 0.03}
-BASE_FEE = Decimal("49")
-PRICES: dict[str, dict[str, Any]] = {
-    "api_calls": {
-        "model": "graduated",
-        "tiers": [
-            {"up_to": "1000", "unit_price": "0", "flat_fee": "0"},
-            {"up_to": "50000", "unit_price": "0.0005"},
-            {"up_to": None, "unit_price": "0.0002"},
-        ],
-    },
-    "ai_tokens": {"model": "standard", "unit_price": "0.000002"},
-    "storage_gb": {
-        "model": "package",
-        "package_size": "10",
-        "package_price": "2.5",
-        "free_units": "5",
-        "rounding": "up",
-    },
-}
 
 
 def say(text: str = "") -> None:
@@ -166,25 +149,10 @@ def load(db: str, organisations: int, events: int, seed: int) -> Workload:
 
     from accounts.models import Organisation
     from plans.models import Subscription
-    from plans.services import plan_create, price_set
-    from usage.services import meter_create
 
     began = time.perf_counter()
     with transaction.atomic():
-        meters = {
-            "api_calls": meter_create(code="api_calls", spec={"aggregation": "count"}),
-            "ai_tokens": meter_create(
-                code="ai_tokens", spec={"aggregation": "sum", "property": "tokens"}, unit="token"
-            ),
-            "storage_gb": meter_create(
-                code="storage_gb",
-                spec={"aggregation": "weighted_sum", "property": "gb"},
-                unit="GB-month",
-            ),
-        }
-        plan = plan_create(code="bench", name="Bench plan", currency="USD", base_fee=BASE_FEE)
-        for code, spec in PRICES.items():
-            price_set(plan=plan, meter=meters[code], spec=spec)
+        meters, plan = bench_catalogue()
         orgs = Organisation.objects.bulk_create(
             [
                 Organisation(

@@ -44,6 +44,7 @@ import psycopg
 from _common import (
     REPO,
     app_environment,
+    bench_catalogue,
     bulk_load_events,
     database_drop,
     database_recreate,
@@ -54,24 +55,6 @@ from _common import (
 
 TARGET_MS = 50.0
 METER_SHARES = {"api_calls": 0.647, "ai_tokens": 0.35, "storage_gb": 0.003}
-PRICES: dict[str, dict[str, Any]] = {
-    "api_calls": {
-        "model": "graduated",
-        "tiers": [
-            {"up_to": "1000", "unit_price": "0", "flat_fee": "0"},
-            {"up_to": "50000", "unit_price": "0.0005"},
-            {"up_to": None, "unit_price": "0.0002"},
-        ],
-    },
-    "ai_tokens": {"model": "standard", "unit_price": "0.000002"},
-    "storage_gb": {
-        "model": "package",
-        "package_size": "10",
-        "package_price": "2.5",
-        "free_units": "5",
-        "rounding": "up",
-    },
-}
 
 
 def say(text: str = "") -> None:
@@ -109,8 +92,7 @@ def setup(anchor: datetime) -> tuple[Any, int, dict[str, int]]:
 
     from accounts.models import Membership
     from accounts.services import membership_add, organisation_create
-    from plans.services import plan_create, price_set, subscription_create
-    from usage.services import meter_create
+    from plans.services import subscription_create
 
     with transaction.atomic():
         organisation = organisation_create(name="Big Customer", slug="big-customer")
@@ -118,20 +100,7 @@ def setup(anchor: datetime) -> tuple[Any, int, dict[str, int]]:
             username="portal-user", email="portal@example.com", password=None
         )
         membership_add(organisation=organisation, user=user, role=Membership.Role.MEMBER)
-        meters = {
-            "api_calls": meter_create(code="api_calls", spec={"aggregation": "count"}),
-            "ai_tokens": meter_create(
-                code="ai_tokens", spec={"aggregation": "sum", "property": "tokens"}, unit="token"
-            ),
-            "storage_gb": meter_create(
-                code="storage_gb",
-                spec={"aggregation": "weighted_sum", "property": "gb"},
-                unit="GB-month",
-            ),
-        }
-        plan = plan_create(code="bench", name="Bench plan", currency="USD", base_fee=Decimal(49))
-        for code, spec in PRICES.items():
-            price_set(plan=plan, meter=meters[code], spec=spec)
+        meters, plan = bench_catalogue()
         subscription_create(organisation=organisation, plan=plan, start=anchor, anchor=anchor)
     return user, organisation.pk, {code: meter.pk for code, meter in meters.items()}
 

@@ -822,17 +822,7 @@ def usage_totals(
     inside = events.filter(timestamp__gte=period.start, timestamp__lt=period.end).order_by()
     rows: Iterable[tuple[int, object]]
     if spec.aggregation == Aggregation.LATEST:
-        rows = (
-            inside.annotate(
-                rank=Window(
-                    RowNumber(),
-                    partition_by=[F("organisation_id")],
-                    order_by=[F("timestamp").desc(), F("id").desc()],
-                )
-            )
-            .filter(rank=1)
-            .values_list("organisation_id", "quantity")
-        )
+        rows = _last_quantity_per_organisation(inside)
     else:
         value: Any
         match spec.aggregation:
@@ -1093,9 +1083,16 @@ def meter_levels_at(
         ),
         meter,
     )
-    last = (
-        events.order_by()
-        .annotate(
+    last = _last_quantity_per_organisation(events.order_by())
+    levels = dict.fromkeys(organisation_ids, Decimal(0))
+    levels.update((organisation_id, _decimal(value)) for organisation_id, value in last)
+    return levels
+
+
+def _last_quantity_per_organisation(events: QuerySet[UsageEvent]) -> QuerySet[Any]:
+    """(organisation id, quantity) of each organisation's last event by (timestamp, id)."""
+    ranked: QuerySet[Any] = (
+        events.annotate(
             rank=Window(
                 RowNumber(),
                 partition_by=[F("organisation_id")],
@@ -1105,6 +1102,4 @@ def meter_levels_at(
         .filter(rank=1)
         .values_list("organisation_id", "quantity")
     )
-    levels = dict.fromkeys(organisation_ids, Decimal(0))
-    levels.update((organisation_id, _decimal(value)) for organisation_id, value in last)
-    return levels
+    return ranked

@@ -9,8 +9,11 @@ from django.core.cache import cache
 from django.db import transaction
 from django.db.models.signals import post_save
 from django.dispatch import receiver
+from django_q.tasks import async_task
 
 from accounts.models import Organisation
+from alerts.selectors import ingest_checked_meters
+from alerts.services import alert_rules_copy_defaults
 from plans.models import Subscription
 from usage.models import UsageEvent
 from usage.signals import StoredEvent, events_stored
@@ -24,8 +27,6 @@ def pending_key(organisation_id: int) -> str:
 def _events_stored(
     sender: type, organisation: Organisation, events: list[StoredEvent], **kwargs: Any
 ) -> None:
-    from alerts.selectors import ingest_checked_meters
-
     watched = ingest_checked_meters(organisation.pk)
     if not watched or not any(event.meter.pk in watched for event in events):
         return
@@ -34,8 +35,6 @@ def _events_stored(
         # At most one check queued per organisation: the check clears the mark before it reads,
         # so events stored while it runs queue the next one and none goes unseen.
         if cache.add(pending_key(organisation.pk), 1, timeout=300):
-            from django_q.tasks import async_task
-
             async_task("alerts.tasks.check_organisation", organisation.pk, sorted(watched))
 
     transaction.on_commit(enqueue, robust=True)
@@ -46,6 +45,4 @@ def _subscription_created(
     sender: type, instance: Subscription, created: bool, **kwargs: Any
 ) -> None:
     if created and not kwargs.get("raw"):
-        from alerts.services import alert_rules_copy_defaults
-
         transaction.on_commit(lambda: alert_rules_copy_defaults(subscription=instance), robust=True)

@@ -283,7 +283,7 @@ class RuleStatus:
 
 def rule_statuses(*, organisation: Organisation, as_of: datetime) -> list[RuleStatus]:
     rules = list(rules_of(organisation=organisation))
-    observed = {o.rule.pk: o for o in rules_observe(rules=[r for r in rules], as_of=as_of)}
+    observed = {o.rule.pk: o for o in rules_observe(rules=rules, as_of=as_of)}
     periods = {o.period.start for o in observed.values()}
     firings = {
         (f.rule_id, f.threshold_id): f

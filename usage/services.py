@@ -8,6 +8,7 @@ request: the database's unique constraint decides) or `rejected` with a machine-
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -162,13 +163,10 @@ def events_store_checked(
     # Inserted in key order: two requests with overlapping keys then take the unique index's
     # locks in the same order and wait for each other instead of deadlocking.
     ordered = sorted(to_store.values(), key=lambda v: v.key)
-    if _receivers_write(organisation, ordered):
-        # Receivers write in the storing transaction (an outbox row commits with its event).
-        with transaction.atomic():
-            stored = _insert(organisation, ordered, now, source)
-            _events_stored_send(organisation=organisation, events=ordered, stored=stored)
-    else:
-        # One statement, atomic by itself: no BEGIN and COMMIT round trips.
+    # Receivers that write do so in the storing transaction (an outbox row commits with its
+    # event); otherwise the insert is one statement, atomic by itself, with no BEGIN and COMMIT.
+    shared = transaction.atomic() if _receivers_write(organisation, ordered) else nullcontext()
+    with shared:
         stored = _insert(organisation, ordered, now, source)
         _events_stored_send(organisation=organisation, events=ordered, stored=stored)
     already = set(to_store) - stored.keys()

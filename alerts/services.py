@@ -11,7 +11,6 @@ prices it with `plans.selectors.period_cost` in memory. A crossed threshold is w
 from __future__ import annotations
 
 import json
-import random
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +39,7 @@ from alerts.selectors import (
     threshold_limit,
 )
 from alerts.webhooks import signature_header
+from core.backoff import backoff_delay
 from plans.models import Plan, Subscription
 from usage.models import Meter
 
@@ -323,10 +323,13 @@ def _attempt(delivery: AlertDelivery, now: datetime) -> int:
 
 
 def retry_delay(attempts: int) -> timedelta:
-    """Exponential backoff with jitter: about base x 2^(attempts-1), capped, +-20%."""
-    base = settings.ALERTS_RETRY_BASE_SECONDS * 2 ** (attempts - 1)
-    seconds = min(base, settings.ALERTS_RETRY_MAX_SECONDS)
-    return timedelta(seconds=seconds * random.uniform(0.8, 1.2))  # noqa: S311 - jitter, not crypto
+    """About base x 2^(attempts-1), capped, +-20%."""
+    return backoff_delay(
+        attempts,
+        base=timedelta(seconds=settings.ALERTS_RETRY_BASE_SECONDS),
+        cap=timedelta(seconds=settings.ALERTS_RETRY_MAX_SECONDS),
+        jitter=(0.8, 1.2),
+    )
 
 
 def notification_context(firing: AlertFiring) -> dict[str, Any]:

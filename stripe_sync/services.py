@@ -9,7 +9,6 @@ as delivered. Rows are only ever marked sent after Stripe answered.
 from __future__ import annotations
 
 import logging
-import secrets
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from accounts.models import Organisation
+from core.backoff import backoff_delay
 from core.periods import Period
 from invoices.models import Invoice
 from stripe_sync import gateway
@@ -177,9 +177,9 @@ class FlushReport:
 
 def retry_delay(attempts: int) -> timedelta:
     """Exponential back-off with jitter: half to all of base * 2**(attempts - 1), capped."""
-    base: timedelta = settings.STRIPE_RETRY_BASE
-    ceiling: timedelta = min(settings.STRIPE_RETRY_CAP, base * 2 ** max(attempts - 1, 0))
-    return ceiling * secrets.SystemRandom().uniform(0.5, 1.0)
+    return backoff_delay(
+        attempts, base=settings.STRIPE_RETRY_BASE, cap=settings.STRIPE_RETRY_CAP, jitter=(0.5, 1.0)
+    )
 
 
 def _due(now: datetime) -> QuerySet[OutboxEvent]:

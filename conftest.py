@@ -91,3 +91,34 @@ def smtp_inbox(settings):
     with smtp_server() as inbox:
         use_smtp(settings, inbox.port)
         yield inbox
+
+
+@pytest.fixture
+def at_once():
+    """at_once(work, threads=2, timeout=120) -> errors: run `work` in threads released together
+    by a barrier, each closing its own database connection; the exceptions they raised."""
+    import threading
+
+    from django.db import connection
+
+    def run(work, threads=2, timeout=120):
+        barrier = threading.Barrier(threads)
+        errors = []
+
+        def worker():
+            try:
+                barrier.wait(timeout=timeout)
+                work()
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                connection.close()
+
+        started = [threading.Thread(target=worker) for _ in range(threads)]
+        for thread in started:
+            thread.start()
+        for thread in started:
+            thread.join(timeout=timeout)
+        return errors
+
+    return run

@@ -392,29 +392,15 @@ def test_check_alerts_command_evaluates_as_of_the_given_instant(customer, capsys
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_two_evaluators_at_once_fire_and_notify_once():
+def test_two_evaluators_at_once_fire_and_notify_once(at_once):
     org = make_organisation()
     calls = make_meter("count")
     make_subscription(org, make_plan({calls: FREE_TIER}), START)
     rule = usage_rule(org, calls, ("absolute", "1"), ("absolute", "2"))
     send(org, calls, 3)
-    barrier = threading.Barrier(4)
-    errors = []
-
-    def evaluate():
-        try:
-            barrier.wait(timeout=10)
-            alerts_evaluate(as_of=MID + timedelta(minutes=2), send=False)
-        except Exception as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=evaluate) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = at_once(
+        lambda: alerts_evaluate(as_of=MID + timedelta(minutes=2), send=False), threads=4
+    )
     assert errors == []
     assert AlertFiring.objects.filter(rule=rule).count() == 2
     assert AlertDelivery.objects.count() == 2

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -60,25 +59,9 @@ def assert_invoiced_once(expected):
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_two_closers_at_once_invoice_each_period_once():
+def test_two_closers_at_once_invoice_each_period_once(at_once):
     expected = setup_customers()
-    errors = []
-    barrier = threading.Barrier(2)
-
-    def closer():
-        try:
-            barrier.wait()
-            periods_close(as_of=AS_OF, batch_size=7)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=closer) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    errors = at_once(lambda: periods_close(as_of=AS_OF, batch_size=7))
     assert not errors, errors
     assert_invoiced_once(expected)
 

@@ -24,27 +24,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_two_flushers_at_once_send_disjoint_batches(streamed, stripe_on):
+def test_two_flushers_at_once_send_disjoint_batches(streamed, stripe_on, at_once):
     streamed(200)
     customer_ensure(organisation=streamed.organisation)
     meters_provision()
-    errors = []
-    barrier = threading.Barrier(2)
-
-    def flusher():
-        try:
-            barrier.wait()
-            outbox_flush(batch_size=10)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=flusher) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    errors = at_once(lambda: outbox_flush(batch_size=10), timeout=60)
     assert not errors, errors
     assert len(stripe_on.stream_requests()) == 20
     assert max(Counter(sent_identifiers(stripe_on)).values()) == 1  # no event sent twice

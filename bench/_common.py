@@ -377,8 +377,9 @@ def bulk_load_events(
     `plan` rows are (organisation id, meter id, meter code, count) for the meters api_calls,
     ai_tokens and storage_gb; `timestamp_sql` is the SQL expression that draws each event's
     timestamp (it may use random() and `params`). The table's unique constraints and secondary
-    indexes are dropped during the insert and rebuilt after, and foreign key triggers skipped
-    (session_replication_role = replica; the ids are known to exist). Columns not named here
+    indexes (and the key guard's primary key) are dropped during the insert and rebuilt after,
+    and foreign key triggers skipped (session_replication_role = replica; the ids are known to
+    exist); the keys are claimed in the guard as ingestion would. Columns not named here
     (`delayed`) take their database defaults. `conn` must be in autocommit mode.
     """
     conn.execute("SET maintenance_work_mem = '512MB'")
@@ -404,6 +405,8 @@ def bulk_load_events(
         else:
             conn.execute(f"DROP INDEX {name}")
     conn.execute("SELECT setseed(%s)", [seed])
+    first_id = conn.execute("SELECT coalesce(max(id), 0) FROM usage_usageevent").fetchone()[0]  # type: ignore[index]
+    conn.execute("ALTER TABLE usage_usageeventkey DROP CONSTRAINT usage_usageeventkey_pkey")
     began = time.perf_counter()
     # Quantities and properties as the API stores them: count events carry 1; sums and levels
     # carry the property's value (ai_tokens: integer tokens, storage_gb: 3 places).
@@ -429,6 +432,12 @@ def bulk_load_events(
          ORDER BY ts
     """.replace("TIMESTAMP_SQL", timestamp_sql)
     inserted = conn.execute(statement, params).rowcount  # type: ignore[arg-type]
+    # Their keys, as ingestion claims them (usage.models.UsageEventKey).
+    conn.execute(
+        "INSERT INTO usage_usageeventkey (organisation_id, idempotency_key, event_id) "
+        "SELECT organisation_id, idempotency_key, id FROM usage_usageevent WHERE id > %s",
+        [first_id],
+    )
     insert_seconds = time.perf_counter() - began
     began = time.perf_counter()
     for name, constraint, definition in indexes:
@@ -436,6 +445,10 @@ def bulk_load_events(
             conn.execute(f'ALTER TABLE usage_usageevent ADD CONSTRAINT "{name}" {constraint}')
         else:
             conn.execute(definition)
+    conn.execute(
+        "ALTER TABLE usage_usageeventkey ADD CONSTRAINT usage_usageeventkey_pkey "
+        "PRIMARY KEY (organisation_id, idempotency_key)"
+    )
     conn.execute("SET session_replication_role = DEFAULT")
     return LoadTimes(inserted, insert_seconds, len(indexes), time.perf_counter() - began)
 

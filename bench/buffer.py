@@ -116,7 +116,7 @@ def load(db: str, workload: dict[str, Any], events: int) -> None:
         if have >= events * 0.99:  # the skewed shares round to a few rows less
             say(f"  usage_usageevent already holds {have:,} rows: not loading")
             return
-        conn.execute("TRUNCATE usage_usageevent")
+        conn.execute("TRUNCATE usage_usageevent, usage_usageeventkey")
     organisations = workload["organisations"]
     counts = close.event_counts(len(organisations), events, seed=8)
     close.load_events(db, close.Workload(organisations, [], workload["meters"], 0), counts, seed=8)

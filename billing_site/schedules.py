@@ -23,6 +23,13 @@ SCHEDULES = [
         "Fold newly committed usage events into the hourly rollups; rebuild changed meters.",
     ),
     Planned(
+        "ensure-event-partitions",
+        "usage.tasks.ensure_event_partitions",
+        24 * 60,
+        "PostgreSQL: create the events table's monthly partitions EVENT_PARTITIONS_AHEAD months "
+        "ahead.",
+    ),
+    Planned(
         "close-periods",
         "invoices.tasks.close_due_periods",
         5,

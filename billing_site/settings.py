@@ -191,6 +191,9 @@ LOGGING = {
 INGEST_MAX_PAST = timedelta(days=env.int("INGEST_MAX_PAST_DAYS", default=35))
 INGEST_MAX_FUTURE = timedelta(seconds=env.int("INGEST_MAX_FUTURE_SECONDS", default=300))
 INGEST_MAX_BATCH = env.int("INGEST_MAX_BATCH", default=1000)
+# PostgreSQL: monthly partitions of the events table created this many months ahead of the
+# current one by the `ensure-event-partitions` schedule (usage.partitions).
+EVENT_PARTITIONS_AHEAD = env.int("EVENT_PARTITIONS_AHEAD", default=3)
 INGEST_MAX_BODY_BYTES = env.int("INGEST_MAX_BODY_BYTES", default=5 * 1024 * 1024)
 # The ingestion buffer (README: "The ingestion buffer").
 # "redis": the HTTP API queues events in a Redis stream and `manage.py ingest_worker` (or the

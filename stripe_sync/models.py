@@ -132,7 +132,11 @@ class OutboxEvent(Delivery):
     a crash is harmless.
     """
 
-    event = models.OneToOneField(UsageEvent, on_delete=models.CASCADE, related_name="+")
+    # No database constraint: the events table is partitioned on PostgreSQL (usage.partitions),
+    # and a foreign key can only reference a unique key, which there includes the timestamp.
+    event = models.OneToOneField(
+        UsageEvent, on_delete=models.CASCADE, related_name="+", db_constraint=False
+    )
     # Copies of the event's own (so the flush needs no join); neither indexed nor constrained,
     # since the event's foreign keys already hold them, and each index or constraint check is
     # paid once per ingested event.

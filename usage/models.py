@@ -7,7 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import models
+from django.db import models, transaction
 from django.utils.functional import cached_property
 
 from accounts.models import Organisation
@@ -74,8 +74,13 @@ class UsageEvent(models.Model):
         RECORD = "record", "In-process record()"
         IMPORT = "import", "import_events"
 
-    organisation = models.ForeignKey(Organisation, on_delete=models.PROTECT, related_name="+")
-    meter = models.ForeignKey(Meter, on_delete=models.PROTECT, related_name="+")
+    # No single-column indexes: the covering index below leads with the organisation, and no
+    # query reads one meter's events across organisations often enough to pay for one on every
+    # insert.
+    organisation = models.ForeignKey(
+        Organisation, on_delete=models.PROTECT, related_name="+", db_index=False
+    )
+    meter = models.ForeignKey(Meter, on_delete=models.PROTECT, related_name="+", db_index=False)
     # The number this event contributes to its meter (1 for count and unique_count), at most
     # 6 decimal places and 15 significant digits (validated in usage.aggregation).
     quantity = models.DecimalField(max_digits=24, decimal_places=6)
@@ -84,6 +89,7 @@ class UsageEvent(models.Model):
     timestamp = models.DateTimeField()
     received_at = models.DateTimeField()
     # Unique per organisation for ever: a retried event is answered `duplicate`, counted once.
+    # `UsageEventKey` holds the keys (a partitioned table cannot be unique on them).
     idempotency_key = models.CharField(max_length=255)
     source = models.CharField(max_length=8, choices=Source.choices, default=Source.API)
     # Received more than INGEST_DELAYED_AFTER after its own timestamp: its period may already
@@ -93,9 +99,6 @@ class UsageEvent(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(
-                fields=["organisation", "idempotency_key"], name="usage_event_idempotency"
-            ),
             models.CheckConstraint(
                 condition=~models.Q(idempotency_key=""), name="usage_event_key_not_empty"
             ),
@@ -124,7 +127,40 @@ class UsageEvent(models.Model):
             raise ValueError("Usage events are append-only; record a correction instead.")
         # As ingestion sets it (bulk inserts compute it in SQL).
         self.delayed = self.received_at - self.timestamp > settings.INGEST_DELAYED_AFTER
-        super().save(*args, **kwargs)
+        # The key is claimed as ingestion claims it: a key stored before raises IntegrityError.
+        with transaction.atomic(using=kwargs.get("using")):
+            super().save(*args, **kwargs)
+            UsageEventKey.objects.using(kwargs.get("using")).create(
+                organisation_id=self.organisation_id,
+                idempotency_key=self.idempotency_key,
+                event_id=self.pk,
+            )
+
+
+class UsageEventKey(models.Model):
+    """The idempotency guard: every key an organisation's stored events used, for ever.
+
+    On PostgreSQL the events table is partitioned by month (`usage.partitions`) and a unique
+    constraint there would have to include the timestamp, which a retried event may not repeat
+    exactly; so the keys live here, written in the statement that inserts the events (the key
+    row first: whichever insert writes it stores the event, any other answers `duplicate`).
+    Kept when events are archived, so an archived event's key still answers `duplicate`.
+    """
+
+    pk = models.CompositePrimaryKey("organisation_id", "idempotency_key")
+    organisation = models.ForeignKey(
+        Organisation,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_constraint=False,  # the event's own foreign key checks it
+        db_index=False,  # the primary key leads with it
+    )
+    idempotency_key = models.CharField(max_length=255)
+    # The event stored under the key (no foreign key: the events table is partitioned).
+    event_id = models.BigIntegerField()
+
+    def __str__(self) -> str:
+        return f"{self.organisation_id}:{self.idempotency_key} -> {self.event_id}"
 
 
 # --- Rollups (see usage.rollups for how they are kept and why they are exact) --------------------

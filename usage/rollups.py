@@ -156,6 +156,32 @@ def rollups_fold(*, rebuild: bool = True) -> FoldResult:
     return result
 
 
+def rollups_refold(period: Period) -> int:
+    """Rebuild the buckets of the whole UTC hours of `period` from the raw events the watermark
+    covers (after events were archived or loaded back); return how many buckets now hold them.
+
+    Runs under the fold lock (it waits for a running fold) and bumps the version, so readers
+    that overlapped it read again."""
+    buckets = 0
+    RollupState.objects.bulk_create([RollupState(pk=1)], ignore_conflicts=True)
+    with transaction.atomic():
+        state = RollupState.objects.select_for_update().get(pk=1)
+        mark = Watermark(state.cursor, tuple(state.pending))
+        specs = dict(MeterRollup.objects.values_list("meter_id", "spec"))
+        hours = Q(hour__gte=period.start, hour__lt=period.end)
+        for meter in Meter.objects.order_by("pk"):
+            if meter.spec.aggregation not in ROLLED_UP:
+                continue
+            if specs.get(meter.pk) != meter.spec_document():
+                continue  # read raw until the scheduled fold rebuilds it whole
+            HourlyUsage.objects.filter(hours, meter=meter).delete()
+            HourlyUniqueValue.objects.filter(hours, meter=meter).delete()
+            buckets += _fold_meter(meter, lower=None, upper=mark, during=period)[1]
+        state.version += 1
+        state.save(update_fields=["version"])
+    return buckets
+
+
 def _horizon(lower: Watermark) -> Watermark:
     """The new watermark: every event it covers is committed, and stays the only one covered."""
     if connection.vendor == "postgresql":
@@ -179,9 +205,14 @@ def _range(lower: Watermark | None, upper: Watermark) -> Q:
     return condition if lower is None else condition & unfolded(lower)
 
 
-def _fold_meter(meter: Meter, *, lower: Watermark | None, upper: Watermark) -> tuple[int, int]:
-    """Merge the meter's events between the cursors into its buckets; return (events, buckets)."""
+def _fold_meter(
+    meter: Meter, *, lower: Watermark | None, upper: Watermark, during: Period | None = None
+) -> tuple[int, int]:
+    """Merge the meter's events between the cursors (and in `during`, hour-aligned, if given)
+    into its buckets; return (events, buckets)."""
     events = _filtered(UsageEvent.objects.filter(meter=meter), meter).filter(_range(lower, upper))
+    if during is not None:
+        events = events.filter(timestamp__gte=during.start, timestamp__lt=during.end)
     if meter.spec.aggregation == Aggregation.WEIGHTED_SUM:
         return _fold_levels(meter, events, upper)
     if connection.vendor == "postgresql":

@@ -2,7 +2,8 @@
 
 Every path goes through `events_ingest`: one validation, one idempotent insert. An event is
 `accepted` (stored now), `duplicate` (its idempotency key was stored before, also by a concurrent
-request: the database's unique constraint decides) or `rejected` with a machine-readable code.
+request: the key guard's primary key decides, see `UsageEventKey`) or `rejected` with a
+machine-readable code.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from django.utils import timezone
 
 from accounts.models import Organisation
 from usage.aggregation import EventValueError, MeterSpec, SpecError
-from usage.models import Meter, MeterRollup, UsageEvent
+from usage.models import Meter, MeterRollup, UsageEvent, UsageEventKey
 from usage.selectors import meter_cache_clear, meters_by_code
 from usage.signals import StoredEvent, events_stored, events_will_store
 
@@ -172,9 +173,9 @@ def events_store_checked(
     already = set(to_store) - stored.keys()
     existing = (
         dict(
-            UsageEvent.objects.filter(
+            UsageEventKey.objects.filter(
                 organisation=organisation, idempotency_key__in=already
-            ).values_list("idempotency_key", "id")
+            ).values_list("idempotency_key", "event_id")
         )
         if already
         else {}
@@ -351,24 +352,36 @@ def _insert(
 ) -> dict[str, int]:
     """Insert events, skipping keys already stored; return {key: id} of the rows inserted.
 
-    `INSERT ... ON CONFLICT DO NOTHING RETURNING`: the unique constraint, not a prior read,
-    decides which copy of a key wins, so concurrent requests cannot both store one.
+    The key is claimed first, in the guard table (`UsageEventKey`) by `INSERT ... ON CONFLICT
+    DO NOTHING RETURNING`: its primary key, not a prior read, decides which copy of a key wins,
+    so concurrent requests cannot both store one. Only the claimed keys' events are inserted,
+    in the same transaction (statement, on PostgreSQL).
     """
     if not events:
         return {}
     if connection.vendor == "postgresql":
         return _insert_postgresql(organisation, events, now, source)
-    meta = UsageEvent._meta
     qn = connection.ops.quote_name
-    row_sql = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
     ops = connection.ops
     received_at = ops.adapt_datetimefield_value(now)
+    events_table, keys_table = qn(UsageEvent._meta.db_table), qn(UsageEventKey._meta.db_table)
+    row_sql = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
     inserted: dict[str, int] = {}
-    with transaction.atomic():
+    with transaction.atomic(), connection.cursor() as cursor:
         for offset in range(0, len(events), INSERT_CHUNK):
             chunk = events[offset : offset + INSERT_CHUNK]
+            cursor.execute(
+                f"INSERT INTO {keys_table} (organisation_id, idempotency_key, event_id) "  # noqa: S608
+                f"VALUES {', '.join(['(%s, %s, 0)'] * len(chunk))} "
+                "ON CONFLICT DO NOTHING RETURNING idempotency_key",
+                [value for event in chunk for value in (organisation.pk, event.key)],
+            )
+            claimed = {key for (key,) in cursor.fetchall()}
+            rows = [event for event in chunk if event.key in claimed]
+            if not rows:
+                continue
             params: list[Any] = []
-            for event in chunk:
+            for event in rows:
                 params += [
                     organisation.pk,
                     event.meter.pk,
@@ -380,15 +393,19 @@ def _insert(
                     source,
                     now - event.timestamp > settings.INGEST_DELAYED_AFTER,
                 ]
-            sql = (
-                f"INSERT INTO {qn(meta.db_table)} ({_columns_sql()}) "  # noqa: S608
-                f"VALUES {', '.join([row_sql] * len(chunk))} "
-                f"ON CONFLICT ({qn('organisation_id')}, {qn('idempotency_key')}) DO NOTHING "
-                f"RETURNING {qn('idempotency_key')}, {qn('id')}"
+            cursor.execute(
+                f"INSERT INTO {events_table} ({_columns_sql()}) "  # noqa: S608
+                f"VALUES {', '.join([row_sql] * len(rows))} "
+                f"RETURNING {qn('idempotency_key')}, {qn('id')}",
+                params,
             )
-            with connection.cursor() as cursor:
-                cursor.execute(sql, params)
-                inserted.update(cursor.fetchall())
+            stored = dict(cursor.fetchall())
+            cursor.executemany(
+                f"UPDATE {keys_table} SET event_id = %s "  # noqa: S608
+                "WHERE organisation_id = %s AND idempotency_key = %s",
+                [(event_id, organisation.pk, key) for key, event_id in stored.items()],
+            )
+            inserted.update(stored)
     return inserted
 
 
@@ -401,31 +418,43 @@ def _insert_postgresql(
     1,000-event batch spent more time there than in PostgreSQL. psycopg's own cursor sends the
     arrays in binary. One statement is atomic by itself: no BEGIN/COMMIT round trips.
     """
-    meta = UsageEvent._meta
     qn = connection.ops.quote_name
     sql = (
-        f"INSERT INTO {qn(meta.db_table)} ({_columns_sql()}) "  # noqa: S608
-        "SELECT %s, u.m, u.q, u.p::jsonb, u.t, %s, u.k, %s, u.t < %s "
+        # Ids drawn first (the CTE is materialized: one nextval per row), so that the guard row
+        # names its event; the events inserted are exactly those whose key was claimed.
+        "WITH u AS MATERIALIZED (SELECT nextval(%s::regclass) AS id, m, q, p, t, k "  # noqa: S608
         "FROM unnest(%s::bigint[], %s::numeric[], %s::text[], %s::timestamptz[], %s::text[]) "
-        "AS u(m, q, p, t, k) "
-        f"ON CONFLICT ({qn('organisation_id')}, {qn('idempotency_key')}) DO NOTHING "
+        "AS u(m, q, p, t, k)), "
+        f"claimed AS (INSERT INTO {qn(UsageEventKey._meta.db_table)} "
+        "(organisation_id, idempotency_key, event_id) SELECT %s, k, id FROM u "
+        "ON CONFLICT DO NOTHING RETURNING event_id) "
+        f"INSERT INTO {qn(UsageEvent._meta.db_table)} (id, {_columns_sql()}) "
+        "SELECT u.id, %s, u.m, u.q, u.p::jsonb, u.t, %s, u.k, %s, u.t < %s "
+        "FROM u JOIN claimed ON claimed.event_id = u.id "
         f"RETURNING {qn('idempotency_key')}, {qn('id')}"
     )
     params = [
-        organisation.pk,
-        now,
-        source,
-        now - settings.INGEST_DELAYED_AFTER,
+        _id_sequence(),
         [event.meter.pk for event in events],
         [event.quantity for event in events],
         [orjson.dumps(event.properties).decode() for event in events],
         [event.timestamp for event in events],
         [event.key for event in events],
+        organisation.pk,
+        organisation.pk,
+        now,
+        source,
+        now - settings.INGEST_DELAYED_AFTER,
     ]
     connection.ensure_connection()
     with connection.wrap_database_errors, connection.connection.cursor() as cursor:
         cursor.execute(sql, params)
         return dict(cursor.fetchall())
+
+
+def _id_sequence() -> str:
+    """The events' id sequence (usage migration 0004 made it; PostgreSQL only)."""
+    return f"{UsageEvent._meta.db_table}_id_seq"
 
 
 class ReceiverFailedError(RuntimeError):
@@ -450,7 +479,7 @@ def events_store_queued(*, events: Sequence[QueuedEvent], now: datetime) -> int:
     were inserted. `events_stored` is sent, per organisation, in the storing transaction.
 
     Events arrive here already validated (by `events_validate`, when the API queued them) and
-    may arrive twice (a consumer that died before acknowledging): the unique constraint decides.
+    may arrive twice (a consumer that died before acknowledging): the key guard decides.
     `now` becomes `received_at`, the moment the event became visible to a period close, not the
     moment it was queued: a close's cutoff assumes that what was received before it has
     committed within BILLING_CUTOFF_SETTLE, which a backlog in the buffer would break.
@@ -518,20 +547,27 @@ def _copy_insert_postgresql(
                     )
                 )
         # DISTINCT ON keeps the first queued copy of a key; the order by (organisation, key)
-        # takes the unique index's locks in the order every other writer takes them.
+        # takes the guard's locks in the order every other writer takes them. As in
+        # `_insert_postgresql`: ids drawn first, the key claimed, the claimed events inserted.
         cursor.execute(
-            f"INSERT INTO {qn(meta.db_table)} ({_columns_sql()}) "  # noqa: S608
-            "SELECT DISTINCT ON (organisation_id, idempotency_key) organisation_id, meter_id, "
-            "quantity, properties::jsonb, ts, %s, idempotency_key, source, ts < %s "
-            f"FROM {_STAGING} ORDER BY organisation_id, idempotency_key, seq "
-            f"ON CONFLICT ({qn('organisation_id')}, {qn('idempotency_key')}) DO NOTHING "
+            "WITH u AS MATERIALIZED (SELECT DISTINCT ON (organisation_id, idempotency_key) "  # noqa: S608
+            "nextval(%s::regclass) AS id, organisation_id, meter_id, quantity, properties, ts, "
+            f"idempotency_key, source FROM {_STAGING} "
+            "ORDER BY organisation_id, idempotency_key, seq), "
+            f"claimed AS (INSERT INTO {qn(UsageEventKey._meta.db_table)} "
+            "(organisation_id, idempotency_key, event_id) "
+            "SELECT organisation_id, idempotency_key, id FROM u "
+            "ON CONFLICT DO NOTHING RETURNING event_id) "
+            f"INSERT INTO {qn(meta.db_table)} (id, {_columns_sql()}) "
+            "SELECT u.id, organisation_id, meter_id, quantity, properties::jsonb, ts, %s, "
+            "idempotency_key, source, ts < %s FROM u JOIN claimed ON claimed.event_id = u.id "
             + (
                 f"RETURNING {qn('organisation_id')}, {qn('idempotency_key')}, {qn('id')}, "
                 f"{qn('meter_id')}, {qn('timestamp')}, {qn('quantity')}"
                 if returning
                 else ""
             ),
-            [now, now - settings.INGEST_DELAYED_AFTER],
+            [_id_sequence(), now, now - settings.INGEST_DELAYED_AFTER],
         )
         rows: list[_Inserted] = cursor.fetchall() if returning else []
         return cursor.rowcount, rows

@@ -7,6 +7,7 @@ import time
 from django.conf import settings
 
 from usage.buffer import buffer_consume, consumer_name
+from usage.partitions import partitions_ensure
 from usage.rollups import rollups_fold
 
 
@@ -33,3 +34,12 @@ def fold_rollups(intended_date: str | None = None, rebuild: bool = True) -> str:
         return "another fold is running"
     rebuilt = f", rebuilt {', '.join(result.rebuilt)}" if result.rebuilt else ""
     return f"folded {result.events} events into {result.buckets} buckets{rebuilt}"
+
+
+def ensure_event_partitions(intended_date: str | None = None) -> str:
+    """Create the events table's monthly partitions ahead of time (PostgreSQL; else a no-op)."""
+    result = partitions_ensure()
+    if not result.created:
+        return "every partition needed exists"
+    moved = f", {result.moved} events moved out of the default partition" if result.moved else ""
+    return f"created {', '.join(result.created)}{moved}"

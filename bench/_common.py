@@ -371,6 +371,7 @@ def bulk_load_events(
     timestamp_sql: str,
     params: dict[str, Any],
     seed: float,
+    key_prefix: str = "",
 ) -> LoadTimes:
     """Insert synthetic usage events fast, the way ingestion would store them (in time order).
 
@@ -379,7 +380,8 @@ def bulk_load_events(
     timestamp (it may use random() and `params`). The table's unique constraints and secondary
     indexes (and the key guard's primary key) are dropped during the insert and rebuilt after,
     and foreign key triggers skipped (session_replication_role = replica; the ids are known to
-    exist); the keys are claimed in the guard as ingestion would. Columns not named here
+    exist); the keys (`key_prefix` + meter code + "-" + n) are claimed in the guard as
+    ingestion would. Columns not named here
     (`delayed`) take their database defaults. `conn` must be in autocommit mode.
     """
     conn.execute("SET maintenance_work_mem = '512MB'")
@@ -419,7 +421,7 @@ def bulk_load_events(
                  WHEN 'ai_tokens' THEN jsonb_build_object('tokens', q, 'model', 'medium')
                  ELSE jsonb_build_object('gb', q)
                END,
-               ts, ts, code || '-' || i, 'import'
+               ts, ts, %(key_prefix)s || code || '-' || i, 'import'
           FROM (SELECT p.org, p.meter, p.code, g.i, TIMESTAMP_SQL AS ts,
                        CASE p.code
                          WHEN 'api_calls' THEN 1::numeric
@@ -431,7 +433,7 @@ def bulk_load_events(
                   FROM bench_plan p, generate_series(1, p.n) AS g(i)) s
          ORDER BY ts
     """.replace("TIMESTAMP_SQL", timestamp_sql)
-    inserted = conn.execute(statement, params).rowcount  # type: ignore[arg-type]
+    inserted = conn.execute(statement, {**params, "key_prefix": key_prefix}).rowcount  # type: ignore[arg-type]
     # Their keys, as ingestion claims them (usage.models.UsageEventKey).
     conn.execute(
         "INSERT INTO usage_usageeventkey (organisation_id, idempotency_key, event_id) "
@@ -451,6 +453,17 @@ def bulk_load_events(
     )
     conn.execute("SET session_replication_role = DEFAULT")
     return LoadTimes(inserted, insert_seconds, len(indexes), time.perf_counter() - began)
+
+
+def events_table_size(conn: psycopg.Connection[Any]) -> tuple[str, str]:
+    """(heap, heap with indexes) of the events table, all its partitions included."""
+    row = conn.execute(
+        "SELECT pg_size_pretty(sum(pg_relation_size(relid))), "
+        "pg_size_pretty(sum(pg_total_relation_size(relid))) "
+        "FROM pg_partition_tree('usage_usageevent')"
+    ).fetchone()
+    assert row is not None
+    return row[0], row[1]
 
 
 # --- The benchmarks' meters and plan --------------------------------------------------------------

@@ -70,6 +70,7 @@ from _common import (
     database_drop,
     database_recreate,
     database_url,
+    events_table_size,
     machine_info,
     manage,
     postgres_pids,
@@ -250,11 +251,8 @@ def describe_load(db: str) -> None:
         ):
             n = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608
             say(f"  {table:<24} {n:>12,} rows")
-        size = conn.execute(
-            "SELECT pg_size_pretty(pg_total_relation_size('usage_usageevent')), "
-            "pg_size_pretty(pg_relation_size('usage_usageevent'))"
-        ).fetchone()
-        say(f"  usage_usageevent size: {size[1]} heap, {size[0]} with indexes")
+        heap, total = events_table_size(conn)
+        say(f"  usage_usageevent size: {heap} heap, {total} with indexes (all partitions)")
         per_meter = conn.execute(
             "SELECT m.code, count(*), min(e.timestamp), max(e.timestamp) FROM usage_usageevent e "
             "JOIN usage_meter m ON m.id = e.meter_id GROUP BY m.code ORDER BY m.code"
@@ -658,7 +656,10 @@ def what_if(db: str, workload: Workload, batch: int) -> dict[int, int]:
         plan = cursor.fetchone()[0]
         plan = (plan if isinstance(plan, list) else json.loads(plan))[0]["Plan"]
         blocks = plan.get("Shared Hit Blocks", 0) + plan.get("Shared Read Blocks", 0)
-        cursor.execute("SELECT relpages FROM pg_class WHERE relname = 'usage_usageevent'")
+        cursor.execute(
+            "SELECT sum(c.relpages) FROM pg_partition_tree('usage_usageevent') t "
+            "JOIN pg_class c ON c.oid = t.relid"
+        )
         heap_pages = cursor.fetchone()[0]
         say(
             f"  the same per batch of {batch:,} organisations (ANY(array)): {batches_s:.2f} s in "

@@ -49,6 +49,7 @@ from _common import (
     database_drop,
     database_recreate,
     database_url,
+    events_table_size,
     machine_info,
     manage,
 )
@@ -132,11 +133,8 @@ def load_events(
             "JOIN usage_meter m ON m.id = e.meter_id GROUP BY m.code ORDER BY m.code"
         ).fetchall():
             say(f"    {code:<12} {n:>10,} events, {first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M}")
-        size = conn.execute(
-            "SELECT pg_size_pretty(pg_relation_size('usage_usageevent')), "
-            "pg_size_pretty(pg_total_relation_size('usage_usageevent'))"
-        ).fetchone()
-        say(f"  usage_usageevent: {size[0]} heap, {size[1]} with indexes")
+        heap, total = events_table_size(conn)
+        say(f"  usage_usageevent: {heap} heap, {total} with indexes (all partitions)")
     return inserted
 
 

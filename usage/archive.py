@@ -2,7 +2,8 @@
 
 `events_archive(before=...)` takes each UTC month before `before` that holds events, one at a
 time: it writes the month to `usage-events-YYYY-MM.jsonl.gz` (one event per line, every column,
-ordered by id) and a manifest beside it (`.json`: count, exact sum of quantities and SHA-256 of
+ordered by id; a month archived again, say what an earlier run kept, to `...YYYY-MM.2.jsonl.gz`:
+no file is ever overwritten) and a manifest beside it (`.json`: count, exact sum of quantities and SHA-256 of
 the compressed file), both written to a temporary name, flushed to disk and renamed. Only then,
 in one transaction that re-counts the month and gives up if anything changed meanwhile, are the
 month's events removed: on PostgreSQL its partition is dropped (`usage.partitions`), elsewhere
@@ -84,8 +85,18 @@ class ArchivedMonth:
     total: Decimal  # exact sum of the quantities written
 
 
-def archive_file(directory: Path, month: datetime) -> Path:
-    return directory / f"usage-events-{month:%Y-%m}.jsonl.gz"
+def archive_file(directory: Path, month: datetime, part: int = 1) -> Path:
+    """The month's archive file; a month archived again (what was kept the first time, or
+    events imported since) goes to part 2, 3, ...: a file is never overwritten."""
+    suffix = "" if part == 1 else f".{part}"
+    return directory / f"usage-events-{month:%Y-%m}{suffix}.jsonl.gz"
+
+
+def _archive_file_new(directory: Path, month: datetime) -> Path:
+    part = 1
+    while archive_file(directory, month, part).exists():
+        part += 1
+    return archive_file(directory, month, part)
 
 
 def months_to_archive(before: datetime) -> list[datetime]:
@@ -135,14 +146,18 @@ def events_archive(
     directory.mkdir(parents=True, exist_ok=True)
     done = []
     for month in months_to_archive(before):
-        done.append(_archive_month(month, directory, before))
+        archived = _archive_month(month, directory, before)
+        if archived is not None:
+            done.append(archived)
     return done
 
 
-def _archive_month(month: datetime, directory: Path, before: datetime) -> ArchivedMonth:
+def _archive_month(month: datetime, directory: Path, before: datetime) -> ArchivedMonth | None:
     period = Period(month, month_after(month))
     kept_ids = _kept_ids(period, before)
-    path = archive_file(directory, month)
+    if _in_period(period).count() == len(kept_ids):
+        return None  # only readings kept by an earlier archive, still needed
+    path = _archive_file_new(directory, month)
     count, total, digest = _export(period, path)
     with transaction.atomic():
         # Nothing may have arrived since the export (a history import, say).

@@ -177,3 +177,43 @@ def test_a_damaged_archive_is_not_loaded(months, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ArchiveError, match="SHA-256"):
         events_restore(path=path)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_archiving_again_never_overwrites_and_takes_what_an_earlier_run_kept(months, tmp_path):
+    organisation, tokens, storage = months
+    # An August reading: s20 (July 20) stays the last reading before August, not before September.
+    send(
+        organisation,
+        [
+            {
+                "event_name": "storage",
+                "idempotency_key": "s-aug",
+                "timestamp": (AUG.start + timedelta(days=3)).isoformat(),
+                "properties": {"gb": "5"},
+            }
+        ],
+    )
+    rollups_fold()
+    expected = figures(organisation, tokens, storage)
+    first = events_archive(before=AUG.start, directory=tmp_path, now=NOW)
+    july = archive_file(tmp_path, JUL.start)
+    assert [d.path for d in first] == [july] and first[0].kept == 1
+    july_bytes = july.read_bytes()
+    # Nothing new before August: archiving again changes nothing (s20 is still needed).
+    assert events_archive(before=AUG.start, directory=tmp_path, now=NOW) == []
+    # Before September, s-aug carries the level: s20 goes, into part 2 of July.
+    second = events_archive(before=SEP.start, directory=tmp_path, now=NOW)
+    assert [(d.path.name, d.events, d.kept) for d in second] == [
+        ("usage-events-2026-07.2.jsonl.gz", 1, 0),
+        ("usage-events-2026-08.jsonl.gz", second[1].events, 1),
+    ]
+    assert july.read_bytes() == july_bytes
+    assert list(
+        UsageEvent.objects.filter(timestamp__lt=SEP.start).values_list("idempotency_key", flat=True)
+    ) == ["s-aug"]
+    assert figures(organisation, tokens, storage)[SEP] == expected[SEP]
+    for path in sorted(tmp_path.glob("*.jsonl.gz")):
+        events_restore(path=path)
+    assert figures(organisation, tokens, storage) == expected
+    assert rollups_verify()[1] == []

@@ -3,11 +3,12 @@
 `events_archive(before=...)` takes each UTC month before `before` that holds events, one at a
 time: it writes the month to `usage-events-YYYY-MM.jsonl.gz` (one event per line, every column,
 ordered by id; a month archived again, say what an earlier run kept, to `...YYYY-MM.2.jsonl.gz`:
-no file is ever overwritten) and a manifest beside it (`.json`: count, exact sum of quantities and SHA-256 of
-the compressed file), both written to a temporary name, flushed to disk and renamed. Only then,
-in one transaction that re-counts the month and gives up if anything changed meanwhile, are the
-month's events removed: on PostgreSQL its partition is dropped (`usage.partitions`), elsewhere
-the rows are deleted. The hourly rollups of the month are rebuilt from what remains.
+no file is ever overwritten) and a manifest beside it (`.json`: count, exact sum of quantities
+and SHA-256 of the compressed file), both written to a temporary name, flushed to disk and
+renamed. Only then, in one transaction that re-counts the month and gives up if anything changed
+meanwhile, are the month's events removed: on PostgreSQL its partition is dropped
+(`usage.partitions`), elsewhere the rows are deleted. The hourly rollups of the month are
+rebuilt from what remains.
 
 What stays. The idempotency keys (`UsageEventKey`): an archived event's key still answers
 `duplicate`. And for each organisation and `weighted_sum` meter, its last reading before

@@ -162,7 +162,7 @@ def events_enqueue(
         )
     keys = list(checked.to_store)
     events = [
-        orjson.dumps([v.meter.pk, str(v.quantity), v.properties, _timestamp(v.timestamp), v.key])
+        orjson.dumps([v.meter.id, str(v.quantity), v.properties, _timestamp(v.timestamp), v.key])
         for v in checked.to_store.values()
     ]
     ends = list(itertools.accumulate(len(event) for event in events))
@@ -190,10 +190,13 @@ def events_enqueue(
         )
     return checked.answer(
         {
-            key: ("queued" if flag == 49 else "duplicate", None)  # 49: b"1"
+            key: _QUEUED if flag == 49 else _DUPLICATE  # 49: b"1"
             for key, flag in zip(keys, flags, strict=True)
         }
     )
+
+
+_QUEUED, _DUPLICATE = ("queued", None), ("duplicate", None)
 
 
 # --- Consumers ------------------------------------------------------------------------------------

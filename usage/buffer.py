@@ -17,6 +17,7 @@ during it is still stored once.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -32,7 +33,6 @@ import redis
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
 from django.utils import timezone
-from redis.commands.core import Script
 
 from accounts.models import Organisation
 from usage.models import UsageEvent
@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 # redis-py to read than a hundred integers. The "seen" keys are read with MGET, a few hundred at a
 # time (Lua's unpack() has a limit), not one EXISTS each: every redis.call() costs Redis about as
 # much as the command itself. A "seen" key only ever holds "1", so MGET's nil means what EXISTS's
-# 0 meant. Sent by its SHA1 (EVALSHA): Redis does not hash the text on every request.
+# 0 meant. Sent by its SHA1 (EVALSHA): Redis does not hash its text on every request.
 _ENQUEUE = """#!lua
 local keys = cjson.decode(ARGV[5])
 local ends = cjson.decode(ARGV[7])
@@ -99,8 +99,7 @@ end
 return table.concat(flags)
 """
 
-# Called with each process's client: Script holds the SHA1 and loads the text after a NOSCRIPT.
-_ENQUEUE_SCRIPT = Script(None, _ENQUEUE.encode())
+_ENQUEUE_SHA1 = hashlib.sha1(_ENQUEUE.encode(), usedforsecurity=False).hexdigest()
 
 _clients: dict[str, redis.Redis] = {}
 # After a failure, this process writes straight to the database for a few seconds instead of
@@ -127,6 +126,15 @@ def redis_client() -> redis.Redis:
         )
         _clients[url] = client
     return client
+
+
+def _enqueue_script(client: redis.Redis, stream: str, *args: bytes | str | int) -> Any:
+    """Run the enqueue script by its SHA1, or by its text when Redis does not know it (after
+    a restart or SCRIPT FLUSH; EVAL also puts it back in Redis's script cache)."""
+    try:
+        return client.evalsha(_ENQUEUE_SHA1, 1, stream, *args)
+    except redis.exceptions.NoScriptError:
+        return client.eval(_ENQUEUE, 1, stream, *args)
 
 
 def _timestamp(moment: datetime) -> datetime | str:
@@ -167,18 +175,16 @@ def events_enqueue(
     ]
     ends = list(itertools.accumulate(len(event) for event in events))
     try:
-        flags = _ENQUEUE_SCRIPT(
-            client=redis_client(),
-            keys=[settings.INGEST_BUFFER_STREAM],
-            args=[
-                int(settings.INGEST_BUFFER_SEEN_TTL.total_seconds()),
-                organisation.pk,
-                source,
-                _seen_key(organisation.pk, ""),
-                orjson.dumps(keys),
-                b"".join(events),
-                orjson.dumps(ends),
-            ],
+        flags = _enqueue_script(
+            redis_client(),
+            settings.INGEST_BUFFER_STREAM,
+            int(settings.INGEST_BUFFER_SEEN_TTL.total_seconds()),
+            organisation.pk,
+            source,
+            _seen_key(organisation.pk, ""),
+            orjson.dumps(keys),
+            b"".join(events),
+            orjson.dumps(ends),
         )
     except redis.RedisError:
         # Whether the script ran is unknown: storing directly is safe either way (the unique

@@ -217,6 +217,22 @@ def test_a_batch_read_in_several_mgets_answers_each_key(buffered):
     assert stored(org) == {f"k{i}": Decimal(1 if f"k{i}" in before else 2) for i in range(1200)}
 
 
+@pytest.mark.redis
+@pytest.mark.django_db
+def test_a_redis_that_forgot_the_script_is_sent_it_again(buffered, settings, tmp_path):
+    org, meter = make_organisation(), make_meter("sum", property="tokens")
+    with private_redis(tmp_path) as server:
+        settings.REDIS_URL = server.url
+        buffer._clients.clear()
+        events_enqueue(organisation=org, payloads=[event(meter, "a")])
+        redis.Redis.from_url(server.url).script_flush()
+
+        results = events_enqueue(organisation=org, payloads=[event(meter, "a"), event(meter, "b")])
+
+        assert [result.status for result in results] == ["duplicate", "queued"]
+        assert drain_all() == [2, 2]
+
+
 OFFSETS = st.timedeltas(
     min_value=-timedelta(hours=23, minutes=59), max_value=timedelta(hours=23, minutes=59)
 ).map(dt_timezone)

@@ -52,15 +52,16 @@ logger = logging.getLogger(__name__)
 # remembered (stored once anyway), never remembered but not queued (lost). The shebang makes
 # Redis refuse the whole script up front when it is out of memory.
 # KEYS[1]: the stream. ARGV: TTL seconds, organisation id, source, the "seen" keys' prefix, the
-# idempotency keys as a JSON array, the events' JSON texts concatenated and, as a JSON array,
-# where each ends. Seven arguments whatever the batch's size: redis-py packs each argument in
-# Python, and 200 of them cost more than the script. The "seen" keys are built from the prefix,
-# so the stream and its keys must live on one Redis server (not a cluster's several shards).
+# idempotency keys as a JSON array, the events' JSON texts joined by commas and, as a JSON array,
+# the offset after each event. Seven arguments whatever the batch's size: redis-py packs each
+# argument in Python, and 200 of them cost more than the script. The "seen" keys are built from
+# the prefix, so the stream and its keys must live on one Redis server (not a cluster's shards).
 # Returns one character per event, "1" (queued) or "0" (seen before): one string is cheaper for
 # redis-py to read than a hundred integers. The "seen" keys are read with MGET, a few hundred at a
 # time (Lua's unpack() has a limit), not one EXISTS each: every redis.call() costs Redis about as
 # much as the command itself. A "seen" key only ever holds "1", so MGET's nil means what EXISTS's
-# 0 meant. Sent by its SHA1 (EVALSHA): Redis does not hash its text on every request.
+# 0 meant. The new events are cut out in runs of neighbours, not one by one: a batch with a few
+# repeats is a few runs. Sent by its SHA1 (EVALSHA): Redis does not hash its text every time.
 _ENQUEUE = """#!lua
 local keys = cjson.decode(ARGV[5])
 local ends = cjson.decode(ARGV[7])
@@ -76,20 +77,27 @@ for first = 1, #seen, 500 do
     found[first + j - 1] = values[j]
   end
 end
-local fresh, flags = {}, {}
-local start = 1
+local runs, flags = {}, {}
+local start, run = 1, nil
 for i = 1, #keys do
   if not found[i] then
-    fresh[#fresh + 1] = string.sub(events, start, ends[i])
     flags[i] = '1'
+    run = run or start
   else
     flags[i] = '0'
+    if run then
+      runs[#runs + 1] = string.sub(events, run, start - 2)
+      run = nil
+    end
   end
   start = ends[i] + 1
 end
-if #fresh > 0 then
+if run then
+  runs[#runs + 1] = string.sub(events, run)
+end
+if #runs > 0 then
   redis.call('XADD', KEYS[1], '*', 'o', ARGV[2], 's', ARGV[3],
-             'e', '[' .. table.concat(fresh, ',') .. ']')
+             'e', '[' .. table.concat(runs, ',') .. ']')
   for i = 1, #keys do
     if flags[i] == '1' then
       redis.call('SET', seen[i], '1', 'EX', ARGV[1])
@@ -173,7 +181,7 @@ def events_enqueue(
         orjson.dumps([v.meter.id, str(v.quantity), v.properties, _timestamp(v.timestamp), v.key])
         for v in checked.to_store.values()
     ]
-    ends = list(itertools.accumulate(len(event) for event in events))
+    ends = list(itertools.accumulate(len(event) + 1 for event in events))  # + 1: the comma
     try:
         flags = _enqueue_script(
             redis_client(),
@@ -183,7 +191,7 @@ def events_enqueue(
             source,
             _seen_key(organisation.pk, ""),
             orjson.dumps(keys),
-            b"".join(events),
+            b",".join(events),
             orjson.dumps(ends),
         )
     except redis.RedisError:

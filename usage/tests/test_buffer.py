@@ -219,6 +219,32 @@ def test_a_batch_read_in_several_mgets_answers_each_key(buffered):
 
 @pytest.mark.redis
 @pytest.mark.django_db
+@pytest.mark.parametrize("pattern", ["1111", "0000", "0111", "1110", "1010", "0101", "1100110"])
+def test_the_entry_holds_exactly_the_new_events_in_order(buffered, pattern):
+    """`pattern`: 1 for a new key, 0 for a key queued before. The script cuts runs of new ones."""
+    org, meter = make_organisation(), make_meter("sum", property="tokens")
+    keys = [f"k{i}" for i in range(len(pattern))]
+    if "0" in pattern:
+        before = [key for key, flag in zip(keys, pattern, strict=True) if flag == "0"]
+        events_enqueue(organisation=org, payloads=[event(meter, key, 1) for key in before])
+    queued = redis.Redis.from_url(settings.REDIS_URL).xlen(buffered)
+
+    results = events_enqueue(organisation=org, payloads=[event(meter, key, 2) for key in keys])
+
+    assert "".join("1" if result.status == "queued" else "0" for result in results) == pattern
+    entries = redis.Redis.from_url(settings.REDIS_URL).xrange(buffered)[queued:]
+    fresh = [key for key, flag in zip(keys, pattern, strict=True) if flag == "1"]
+    if fresh:
+        [(_, fields)] = entries
+        assert [(e[4], e[1]) for e in orjson.loads(fields[b"e"])] == [
+            (k, "2.000000") for k in fresh
+        ]
+    else:
+        assert entries == []
+
+
+@pytest.mark.redis
+@pytest.mark.django_db
 def test_a_redis_that_forgot_the_script_is_sent_it_again(buffered, settings, tmp_path):
     org, meter = make_organisation(), make_meter("sum", property="tokens")
     with private_redis(tmp_path) as server:

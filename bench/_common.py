@@ -314,17 +314,26 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def postgres_pids() -> list[int]:
-    """Every PostgreSQL server process on this machine (backends, WAL writer, checkpointer)."""
+def _pids_named(name: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "comm").read_text().strip() == "postgres":
+                if (entry / "comm").read_text().strip() == name:
                     pids.append(int(entry.name))
             except OSError:
                 continue
     return pids
+
+
+def postgres_pids() -> list[int]:
+    """Every PostgreSQL server process on this machine (backends, WAL writer, checkpointer)."""
+    return _pids_named("postgres")
+
+
+def redis_pids() -> list[int]:
+    """The Redis server's process(es) on this machine (shared: other people's databases too)."""
+    return _pids_named("redis-server")
 
 
 def cpu_snapshot(pids: list[int]) -> dict[int, float]:

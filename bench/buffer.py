@@ -19,6 +19,15 @@ Redis database (default redis://127.0.0.1:6379/4, its stream keys deleted before
 5. **Lag**: buffered API at a fixed rate (--lag-rate events/s) with 2 workers running; for
    sampled events the time from the API's answer to the row being visible in PostgreSQL.
 Then SQL checks: every unique key sent is stored exactly once, the token sums match.
+
+`--phases` picks some of direct, buffered, drain and lag (all by default). The buffered API's
+speed does not depend on the table's size, so it and the lag can be measured on a small
+database, e.g.:
+
+    .venv/bin/python bench/buffer.py --db meterline_buffer_small --skip-load \
+        --phases buffered,lag --lag-rate 40000
+
+Without `drain`, what the buffered phase queued is stored (not measured) before the lag phase.
 """
 
 from __future__ import annotations
@@ -173,10 +182,10 @@ class Bench:
             raise
         return server
 
-    def api_phase(self, server: Gunicorn, name: str) -> PhaseResult:
+    def api_phase(self, server: Gunicorn, name: str, *, redis: bool = False) -> PhaseResult:
         quiet(self.args.quiet_wait)
         plan = self.plan(f"{name}{self.run}", self.args.api_events)
-        result = run_phase(server, self.api_key, plan, 120)
+        result = run_phase(server, self.api_key, plan, 120, redis=redis)
         self.tally.add(result)
         for line in describe(result):
             say(line)
@@ -392,6 +401,42 @@ def lag(bench: Bench, server: Gunicorn, rate: float) -> None:
     bench.tally.tokens[name] = sum(r.tokens for r in plan.per_client[0])
 
 
+def buffered_phases(bench: Bench, rates: dict[str, float]) -> None:
+    """The phases on the buffered API (one gunicorn): buffered, drain, lag, as chosen."""
+    args, phases = bench.args, bench.args.phases
+    server = bench.serve(bench.buffered_env)
+    # The warm-up's entries, not measured.
+    workers_stop(workers_start(bench.drain_env, 1, until_empty=True), wait=True)
+    try:
+        if "buffered" in phases:
+            say("\n== Buffered API (INGEST_BUFFER=redis, no consumer running)")
+            first = bench.api_phase(server, "buffered", redis=True)
+            bench.queued = first.totals["accepted"]
+            rates["buffered"] = first.events_per_s
+        if "drain" in phases:
+            say("\n== Drain into PostgreSQL: 1 ingest_worker")
+            rates["drain 1"] = drain(bench, 1)
+            say("\n== Buffered API again, to queue for 2 workers")
+            second = bench.api_phase(server, "buffered2", redis=True)
+            bench.queued = second.totals["accepted"]
+            rates["buffered"] = max(rates["buffered"], second.events_per_s)
+            say("\n== Drain into PostgreSQL: 2 ingest_worker processes")
+            rates["drain 2"] = drain(bench, 2)
+        elif bench.queued:
+            say(f"\n== Storing the {bench.queued:,} queued events (not measured)")
+            workers_stop(workers_start(bench.drain_env, 2, until_empty=True), wait=True)
+            bench.queued = 0
+        for rate in args.lag_rate if "lag" in phases else []:
+            say(
+                f"\n== Lag: buffered API at {rate:,.0f} events/s for "
+                f"{args.lag_seconds:.0f} s, 2 workers running"
+            )
+            quiet(args.quiet_wait)
+            lag(bench, server, rate)
+    finally:
+        server.stop()
+
+
 def percentile(values: list[float], fraction: float) -> float:
     return values[min(len(values) - 1, int(fraction * len(values)))] if values else float("nan")
 
@@ -437,7 +482,25 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--lag-seconds", type=float, default=20)
     parser.add_argument("--quiet-wait", type=float, default=20, help="wait for an idle machine")
+    parser.add_argument(
+        "--phases",
+        type=_phases,
+        default=PHASES,
+        help=f"comma-separated, among {','.join(PHASES)} (default: all)",
+    )
     return parser.parse_args()
+
+
+PHASES = ("direct", "buffered", "drain", "lag")
+
+
+def _phases(text: str) -> tuple[str, ...]:
+    chosen = {name.strip() for name in text.split(",") if name.strip()}
+    if not chosen or chosen - set(PHASES):
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(PHASES)}, got {text!r}")
+    if "drain" in chosen and "buffered" not in chosen:
+        raise argparse.ArgumentTypeError("drain needs buffered: it drains what that queued")
+    return tuple(name for name in PHASES if name in chosen)
 
 
 def main() -> int:
@@ -471,36 +534,18 @@ def main() -> int:
     stream_clear(args.redis)
     rates: dict[str, float] = {}
     try:
-        say(f"\n== Direct API (no buffer): {args.api_events:,} events in batches of {args.batch}")
-        server = bench.serve(env)
-        try:
-            rates["direct"] = bench.api_phase(server, "direct").events_per_s
-        finally:
-            server.stop()
-        say("\n== Buffered API (INGEST_BUFFER=redis, no consumer running)")
-        server = bench.serve(buffered_env)
-        # The warm-up's entries, not measured.
-        workers_stop(workers_start(bench.drain_env, 1, until_empty=True), wait=True)
-        try:
-            first = bench.api_phase(server, "buffered")
-            bench.queued = first.totals["accepted"]
-            say("\n== Drain into PostgreSQL: 1 ingest_worker")
-            rates["drain 1"] = drain(bench, 1)
-            say("\n== Buffered API again, to queue for 2 workers")
-            second = bench.api_phase(server, "buffered2")
-            bench.queued = second.totals["accepted"]
-            rates["buffered"] = max(first.events_per_s, second.events_per_s)
-            say("\n== Drain into PostgreSQL: 2 ingest_worker processes")
-            rates["drain 2"] = drain(bench, 2)
-            for rate in args.lag_rate:
-                say(
-                    f"\n== Lag: buffered API at {rate:,.0f} events/s for "
-                    f"{args.lag_seconds:.0f} s, 2 workers running"
-                )
-                quiet(args.quiet_wait)
-                lag(bench, server, rate)
-        finally:
-            server.stop()
+        if "direct" in args.phases:
+            say(
+                f"\n== Direct API (no buffer): {args.api_events:,} events in batches of "
+                f"{args.batch}"
+            )
+            server = bench.serve(env)
+            try:
+                rates["direct"] = bench.api_phase(server, "direct").events_per_s
+            finally:
+                server.stop()
+        if args.phases != ("direct",):
+            buffered_phases(bench, rates)
         say("\n== Verification")
         ok = verify_phases(args.db, bench.organisation, bench.tally)
     finally:

@@ -59,6 +59,7 @@ from _common import (
     machine_info,
     manage,
     postgres_pids,
+    redis_pids,
     wait_for_quiet,
 )
 
@@ -350,12 +351,14 @@ class PhaseResult:
     cpu_postgres: float
     cpu_clients: float
     cpu_machine: float
+    cpu_redis: float | None = None  # measured when run_phase is given `redis=True`
 
     @property
     def cpu_other(self) -> float:
         """Busy CPU of everything else on the machine (other users, the kernel's network
         work not charged to a process, py-spy) during the run."""
-        return max(0.0, self.cpu_machine - self.cpu_workers - self.cpu_postgres - self.cpu_clients)
+        ours = self.cpu_workers + self.cpu_postgres + self.cpu_clients + (self.cpu_redis or 0.0)
+        return max(0.0, self.cpu_machine - ours)
 
     @property
     def events_per_s(self) -> float:
@@ -382,7 +385,11 @@ class PhaseResult:
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def run_phase(server: Gunicorn, api_key: str, plan: Plan, max_seconds: float) -> PhaseResult:
+def run_phase(
+    server: Gunicorn, api_key: str, plan: Plan, max_seconds: float, *, redis: bool = False
+) -> PhaseResult:
+    """Send `plan` over its client connections; with `redis`, also count the Redis server's CPU
+    (shared with other people's Redis databases, like PostgreSQL's)."""
     ctx = mp.get_context("fork")
     go = ctx.Event()
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
@@ -405,7 +412,8 @@ def run_phase(server: Gunicorn, api_key: str, plan: Plan, max_seconds: float) ->
         client.start()
     time.sleep(0.5)  # let them reach go.wait()
     workers = server.worker_pids()
-    before = cpu_snapshot(workers + postgres_pids())
+    redis_servers = redis_pids() if redis else []
+    before = cpu_snapshot(workers + postgres_pids() + redis_servers)
     busy_before = machine_busy_seconds()
     go.set()
     reports = []
@@ -413,7 +421,7 @@ def run_phase(server: Gunicorn, api_key: str, plan: Plan, max_seconds: float) ->
         for _ in clients:
             reports.append(out.get(timeout=max_seconds + REQUEST_TIMEOUT + 60))
     finally:
-        after = cpu_snapshot(workers + postgres_pids())
+        after = cpu_snapshot(workers + postgres_pids() + redis_servers)
         busy = machine_busy_seconds() - busy_before
         for client in clients:
             client.join(timeout=10)
@@ -435,9 +443,17 @@ def run_phase(server: Gunicorn, api_key: str, plan: Plan, max_seconds: float) ->
         latencies=latencies,
         errors=[r["first_error"] for r in reports if r["first_error"]],
         cpu_workers=cpu_delta(before, {p: s for p, s in after.items() if p in workers}),
-        cpu_postgres=cpu_delta(before, {p: s for p, s in after.items() if p not in workers}),
+        cpu_postgres=cpu_delta(
+            before,
+            {p: s for p, s in after.items() if p not in workers and p not in redis_servers},
+        ),
         cpu_clients=sum(r["cpu"] for r in reports),
         cpu_machine=busy,
+        cpu_redis=(
+            cpu_delta(before, {p: s for p, s in after.items() if p in redis_servers})
+            if redis
+            else None
+        ),
     )
 
 
@@ -474,11 +490,17 @@ def describe(result: PhaseResult) -> list[str]:
         f"p99 {result.percentile(0.99) * 1000:.1f} ms, "
         f"max {max(result.latencies, default=0) * 1000:.1f} ms",
         f"  CPU over the run ({2 * result.elapsed:.1f} core-s available): gunicorn workers "
-        f"{result.cpu_workers:.1f} s, postgres {result.cpu_postgres:.1f} s, load clients "
-        f"{result.cpu_clients:.1f} s, everything else {result.cpu_other:.1f} s; per {unit}: "
-        f"workers {result.cpu_workers / count * 1000:.2f} ms, "
-        f"postgres {result.cpu_postgres / count * 1000:.2f} ms, clients "
-        f"{result.cpu_clients / count * 1000:.2f} ms",
+        f"{result.cpu_workers:.1f} s, postgres {result.cpu_postgres:.1f} s, "
+        + (f"redis {result.cpu_redis:.1f} s, " if result.cpu_redis is not None else "")
+        + f"load clients {result.cpu_clients:.1f} s, everything else {result.cpu_other:.1f} s; "
+        f"per {unit}: workers {result.cpu_workers / count * 1000:.2f} ms, "
+        f"postgres {result.cpu_postgres / count * 1000:.2f} ms, "
+        + (
+            f"redis {result.cpu_redis / count * 1000:.2f} ms, "
+            if result.cpu_redis is not None
+            else ""
+        )
+        + f"clients {result.cpu_clients / count * 1000:.2f} ms",
     ]
     if result.cpu_other > 0.1 * 2 * result.elapsed:
         lines.append(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
@@ -89,7 +88,7 @@ def _parse_body(request: HttpRequest) -> object:
     # orjson reads an integer beyond 64 bits as a rounded float, silently. A run of 19 digits
     # is the only way to write one, so such bodies go to the exact standard parser instead; the
     # event holding the big number is then rejected alone (invalid_quantity, invalid_properties).
-    if not _LONG_DIGITS.search(body):
+    if not _has_digit_run(body):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -104,7 +103,18 @@ def _parse_body(request: HttpRequest) -> object:
     return document
 
 
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_NINETEEN_DIGITS = b"0" * 19
+
+
+def _has_digit_run(body: bytes) -> bool:
+    """Return whether `body` holds 19 ASCII digits in a row (what `[0-9]{19}` finds).
+
+    Found as 19 zeros once every digit is made a zero: translate() and `in` are C loops over
+    the bytes, about ten times cheaper on a batch than the regular expression, which tries a
+    match at every position.
+    """
+    return _NINETEEN_DIGITS in body.translate(_DIGITS_AS_ZERO)
 
 
 def _refuse(name: str) -> None:

@@ -139,14 +139,17 @@ def events_validate(
     )
     checked = CheckedBatch([None] * len(payloads), {}, [])
     for index, payload in enumerate(payloads):
-        key = _key_of(payload)
         try:
             valid = _validate(
                 index, payload, meters=meters, earliest=earliest, latest=latest, now=now
             )
         except _Rejection as rejection:
             checked.results[index] = EventResult(
-                index, "rejected", key, code=rejection.code, message=rejection.message
+                index,
+                "rejected",
+                _key_of(payload),
+                code=rejection.code,
+                message=rejection.message,
             )
             continue
         if valid.key in checked.to_store:
@@ -233,8 +236,8 @@ def _validate(
 ) -> ValidEvent:
     if not isinstance(payload, dict):
         raise _Rejection("invalid_event", "An event is a JSON object.")
-    unknown = payload.keys() - EVENT_FIELDS
-    if unknown:
+    if not payload.keys() <= EVENT_FIELDS:  # no set built for the usual, valid event
+        unknown = payload.keys() - EVENT_FIELDS
         raise _Rejection(
             "unknown_field",
             f"Unknown fields: {', '.join(sorted(map(str, unknown)))}. "

@@ -1,14 +1,18 @@
 """The usage HTTP API: every rejection code, batches, idempotency, tenancy, usage reads, OpenAPI."""
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 from django.utils import timezone
+from hypothesis import given
+from hypothesis import strategies as st
 
 from accounts.services import api_key_revoke
 from accounts.tests.factories import make_api_key, make_organisation
+from usage.api import _has_digit_run
 from usage.models import UsageEvent
 from usage.tests.factories import make_meter
 
@@ -482,6 +486,38 @@ def test_a_batch_with_an_integer_beyond_64_bits_rejects_only_that_event(client, 
         ("accepted", None),
     ]
     assert stored_quantities() == {"fine": Decimal(5)}
+
+
+# What the body parser looked for with the regular expression `[0-9]{19}` before.
+DIGIT_RUN = re.compile(rb"[0-9]{19}")
+# Digits in runs around 19 long, separators, and the UTF-8 of characters that are digits but not
+# ASCII ones (Arabic-Indic one, fullwidth zero, superscript two).
+BODY_PIECES = st.sampled_from(
+    [
+        *(b"0", b"1", b"9", b"5" * 18, b"7" * 19, b"12345"),
+        *(b"-", b".", b"e", b'"', b" ", b"/", b":"),
+        *("\u0661".encode(), "\uff10".encode(), "\u00b2".encode()),
+    ]
+)
+
+
+@given(st.one_of(st.binary(max_size=300), st.lists(BODY_PIECES, max_size=80).map(b"".join)))
+def test_the_digit_run_check_finds_what_the_regular_expression_found(body):
+    assert _has_digit_run(body) == bool(DIGIT_RUN.search(body))
+
+
+@pytest.mark.parametrize(
+    ("body", "found"),
+    [
+        (b'{"quantity": 1234567890123456789}', True),
+        (b'{"quantity": 123456789012345678}', False),
+        (b'{"key": "a1234567890123456789z"}', True),
+        (b"9" * 18 + b"." + b"9" * 18, False),
+        ("\u0661".encode() * 19, False),
+    ],
+)
+def test_the_digit_run_check_at_its_boundary(body, found):
+    assert _has_digit_run(body) is found
 
 
 @pytest.mark.usefixtures("meters")

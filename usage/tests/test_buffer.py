@@ -13,11 +13,13 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, timedelta
+from datetime import timezone as dt_timezone
 from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
 
+import orjson
 import psycopg
 import pytest
 import redis
@@ -26,6 +28,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 from django.utils import timezone
+from hypothesis import given
+from hypothesis import strategies as st
 
 from accounts.models import Organisation
 from accounts.tests.factories import make_api_key, make_organisation
@@ -192,6 +196,77 @@ def test_duplicates_are_answered_by_redis_and_stored_once_by_the_database(
         <= ttl
         <= settings.INGEST_BUFFER_SEEN_TTL.total_seconds()
     )
+
+
+@pytest.mark.redis
+@pytest.mark.django_db
+def test_a_batch_read_in_several_mgets_answers_each_key(buffered):
+    """The script reads the "seen" keys 500 at a time; each answer stays with its own key."""
+    org, meter = make_organisation(), make_meter("sum", property="tokens")
+    before = {"k0", "k499", "k500", "k999", "k1000", "k1199"}
+    events_enqueue(organisation=org, payloads=[event(meter, key, 1) for key in sorted(before)])
+
+    results = events_enqueue(
+        organisation=org, payloads=[event(meter, f"k{i}", 2) for i in range(1200)]
+    )
+
+    assert [result.status for result in results] == [
+        "duplicate" if f"k{i}" in before else "queued" for i in range(1200)
+    ]
+    drain_all()
+    assert stored(org) == {f"k{i}": Decimal(1 if f"k{i}" in before else 2) for i in range(1200)}
+
+
+@pytest.mark.redis
+@pytest.mark.django_db
+@pytest.mark.parametrize("pattern", ["1111", "0000", "0111", "1110", "1010", "0101", "1100110"])
+def test_the_entry_holds_exactly_the_new_events_in_order(buffered, pattern):
+    """`pattern`: 1 for a new key, 0 for a key queued before. The script cuts runs of new ones."""
+    org, meter = make_organisation(), make_meter("sum", property="tokens")
+    keys = [f"k{i}" for i in range(len(pattern))]
+    if "0" in pattern:
+        before = [key for key, flag in zip(keys, pattern, strict=True) if flag == "0"]
+        events_enqueue(organisation=org, payloads=[event(meter, key, 1) for key in before])
+    queued = redis.Redis.from_url(settings.REDIS_URL).xlen(buffered)
+
+    results = events_enqueue(organisation=org, payloads=[event(meter, key, 2) for key in keys])
+
+    assert "".join("1" if result.status == "queued" else "0" for result in results) == pattern
+    entries = redis.Redis.from_url(settings.REDIS_URL).xrange(buffered)[queued:]
+    fresh = [key for key, flag in zip(keys, pattern, strict=True) if flag == "1"]
+    if fresh:
+        [(_, fields)] = entries
+        assert [(e[4], e[1]) for e in orjson.loads(fields[b"e"])] == [
+            (k, "2.000000") for k in fresh
+        ]
+    else:
+        assert entries == []
+
+
+@pytest.mark.redis
+@pytest.mark.django_db
+def test_a_redis_that_forgot_the_script_is_sent_it_again(buffered, settings, tmp_path):
+    org, meter = make_organisation(), make_meter("sum", property="tokens")
+    with private_redis(tmp_path) as server:
+        settings.REDIS_URL = server.url
+        buffer._clients.clear()
+        events_enqueue(organisation=org, payloads=[event(meter, "a")])
+        redis.Redis.from_url(server.url).script_flush()
+
+        results = events_enqueue(organisation=org, payloads=[event(meter, "a"), event(meter, "b")])
+
+        assert [result.status for result in results] == ["duplicate", "queued"]
+        assert drain_all() == [2, 2]
+
+
+OFFSETS = st.timedeltas(
+    min_value=-timedelta(hours=23, minutes=59), max_value=timedelta(hours=23, minutes=59)
+).map(dt_timezone)
+
+
+@given(st.datetimes(timezones=st.one_of(st.just(UTC), st.timezones(), OFFSETS)))
+def test_a_queued_timestamp_is_written_as_its_isoformat(moment):
+    assert orjson.dumps([buffer._timestamp(moment)]) == orjson.dumps([moment.isoformat()])
 
 
 @pytest.mark.redis

@@ -455,7 +455,9 @@ def bulk_load_events(
         if constraint:
             conn.execute(f'ALTER TABLE usage_usageevent ADD CONSTRAINT "{name}" {constraint}')
         else:
-            conn.execute(definition)
+            # A partitioned table's index definition reads "ON ONLY": without it, the index is
+            # built on every partition too.
+            conn.execute(definition.replace(" ON ONLY ", " ON ", 1))
     conn.execute(
         "ALTER TABLE usage_usageeventkey ADD CONSTRAINT usage_usageeventkey_pkey "
         "PRIMARY KEY (organisation_id, idempotency_key)"

@@ -333,24 +333,35 @@ def lag(bench: Bench, server: Gunicorn, rate: float) -> None:
     args = bench.args
     events = int(rate * args.lag_seconds)
     name = f"lag{bench.run}x{int(rate)}"
+    senders_count = args.lag_clients
     plan = plan_batches(
-        name, events=events, batch_size=args.batch, clients=1, dup_fraction=0, seed=7
+        name,
+        events=events,
+        batch_size=args.batch,
+        clients=senders_count,
+        dup_fraction=0,
+        seed=7,
     )
     procs = workers_start(bench.buffered_env, 2, until_empty=False)
     time.sleep(3)  # the workers are reading
     ctx = mp.get_context("fork")
     go, out = ctx.Event(), ctx.Queue()
-    sender = ctx.Process(
-        target=lag_client,
-        args=(server.port, bench.api_key, plan.per_client[0]),
-        kwargs={"rate": rate, "go": go, "out": out},
-        daemon=True,
-    )
-    sender.start()
+    senders = [
+        ctx.Process(
+            target=lag_client,
+            args=(server.port, bench.api_key, requests),
+            kwargs={"rate": rate / senders_count, "go": go, "out": out},
+            daemon=True,
+        )
+        for requests in plan.per_client
+    ]
+    for sender in senders:
+        sender.start()
     answered: dict[str, float] = {}
     seen: dict[str, float] = {}
     errors = 0
     finished = False
+    running = senders_count
     go.set()
     began = time.monotonic()
     with psycopg.connect(database_url(args.db), autocommit=True) as conn:
@@ -361,8 +372,11 @@ def lag(bench: Bench, server: Gunicorn, rate: float) -> None:
                 except queue.Empty:
                     break
                 if item is None:
-                    finished = True
-                    break
+                    running -= 1
+                    finished = running == 0
+                    if finished:
+                        break
+                    continue
                 key, at, status = item
                 answered[key] = at
                 errors += status != 200
@@ -380,7 +394,8 @@ def lag(bench: Bench, server: Gunicorn, rate: float) -> None:
             elif finished:
                 break
             time.sleep(0.1)
-    sender.join(timeout=10)
+    for sender in senders:
+        sender.join(timeout=10)
     outputs = workers_stop(procs)
     lags = sorted(seen[key] - answered[key] for key in seen)
     sent_for = max(answered.values()) - began if answered else 0
@@ -398,7 +413,7 @@ def lag(bench: Bench, server: Gunicorn, rate: float) -> None:
     for output in outputs:
         say(f"    {output}")
     bench.tally.unique[name] = events
-    bench.tally.tokens[name] = sum(r.tokens for r in plan.per_client[0])
+    bench.tally.tokens[name] = sum(r.tokens for requests in plan.per_client for r in requests)
 
 
 def buffered_phases(bench: Bench, rates: dict[str, float]) -> None:
@@ -481,6 +496,9 @@ def parse_args() -> argparse.Namespace:
         help="events/s sent while measuring the lag, comma-separated",
     )
     parser.add_argument("--lag-seconds", type=float, default=20)
+    parser.add_argument(
+        "--lag-clients", type=int, default=2, help="sending connections in the lag phase"
+    )
     parser.add_argument("--quiet-wait", type=float, default=20, help="wait for an idle machine")
     parser.add_argument(
         "--phases",

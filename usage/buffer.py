@@ -7,8 +7,8 @@ one entry and remembers their keys for INGEST_BUFFER_SEEN_TTL: a key seen before
 entries in a consumer group, store them with `events_store_queued` (COPY into a staging table,
 INSERT ... ON CONFLICT DO NOTHING) and acknowledge and delete them only after the commit. An
 entry whose consumer died stays pending and is claimed by another after INGEST_BUFFER_CLAIM_IDLE.
-So: at least once into Redis, exactly once into the events table, whose unique constraint stays
-the final word on duplicates.
+So: at least once into Redis, exactly once into the events table, whose key guard
+(`UsageEventKey`) stays the final word on duplicates.
 
 When Redis cannot be reached, the request is stored straight into the database (`accepted`),
 as without the buffer: nothing is refused, and a key queued before the outage and sent again
@@ -344,7 +344,7 @@ def buffer_requeue_dead() -> int:
     """Put the entries set aside in `<stream>:dead` back in the stream; return how many.
 
     For after the cause is fixed. Each entry moves in one MULTI (appended, then removed from
-    the dead stream); one stored meanwhile by other means is skipped by the unique constraint.
+    the dead stream); one stored meanwhile by other means is skipped by the key guard.
     """
     client = redis_client()
     stream = settings.INGEST_BUFFER_STREAM

@@ -21,8 +21,6 @@ ones and that `rollups_verify` finds no difference.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -31,7 +29,6 @@ from typing import Any
 
 import psycopg
 from _common import (
-    REPO,
     app_environment,
     bench_catalogue,
     bulk_load_events,
@@ -42,22 +39,11 @@ from _common import (
     machine_info,
     manage,
 )
+from close import django_start
 
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def django_start(db: str) -> None:
-    for key in ("REDIS_URL", "EMAIL_URL"):
-        os.environ.pop(key, None)
-    os.environ.update(app_environment(db))
-    os.environ["DJANGO_SETTINGS_MODULE"] = "billing_site.settings"
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import django
-
-    django.setup()
 
 
 def month_figures(conn: psycopg.Connection[Any], start: datetime, end: datetime) -> list[Any]:

@@ -5,6 +5,7 @@ The guard tests run on both databases; the partition tests need PostgreSQL.
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -270,3 +271,30 @@ def test_the_migration_partitions_an_existing_table_keeping_every_row():
     assert [r.status for r in again] == ["duplicate", "accepted"]
     assert again[1].event_id > max(row[0] for row in plain)
     call_command("migrate", verbosity=0)  # and nothing else is pending
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_a_period_read_touches_only_its_months_partitions():
+    """The selectors' raw reads bound the timestamp: PostgreSQL plans only the months asked."""
+    organisation = make_organisation()
+    meter = make_meter("sum", code="tokens", property="n")
+    this_month = month_start(NOW)
+    period = Period(this_month, month_add(this_month, 1))
+    events = UsageEvent.objects.filter(
+        organisation=organisation,
+        meter=meter,
+        timestamp__gte=period.start,
+        timestamp__lt=period.end,
+    )
+    sql, params = events.values_list("quantity").query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN (FORMAT JSON) " + sql, params)
+        plan = str(cursor.fetchone()[0])
+    scanned = {name for name in _relations(plan) if name.startswith("usage_usageevent")}
+    assert scanned == {partition_name(this_month)}
+    assert usage_total(organisation=organisation, meter=meter, period=period) == 0
+
+
+def _relations(plan):
+    return set(re.findall(r"'Relation Name': '([a-z0-9_]+)'", plan))

@@ -79,14 +79,14 @@ def run(args: argparse.Namespace) -> None:
     manage(app_environment(args.db), "migrate", "--no-input", timeout=900)
     django_start(args.db)
     from accounts.models import Organisation
-    from core.periods import Period
+    from core.periods import Period, add_months
     from usage.archive import events_archive, events_restore
-    from usage.partitions import month_add, month_start, partition_name, partitions_ensure
+    from usage.partitions import month_start, partition_name, partitions_ensure
     from usage.rollups import rollups_fold, rollups_verify
     from usage.selectors import usage_total
 
     now = datetime.now(UTC)
-    old = Period(month_add(month_start(now), -3), month_add(month_start(now), -2))
+    old = Period(add_months(month_start(now), -3), add_months(month_start(now), -2))
     live = Period(month_start(now), now)
     partitions_ensure(months=[old.start])
     Organisation.objects.bulk_create(

@@ -38,7 +38,6 @@ from typing import Any
 import orjson
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Max, Q
 from django.db.models.functions import TruncMonth
 
 from core.periods import Period
@@ -55,7 +54,7 @@ from usage.partitions import (
     partitions_list,
 )
 from usage.rollups import rollups_refold
-from usage.selectors import _filtered
+from usage.selectors import _filtered, last_readings_before
 
 # One archive line: every stored column of the event but the rollups' `xact_id`.
 FIELDS = (
@@ -145,17 +144,18 @@ def events_archive(
     now = now or datetime.now(UTC)
     archive_check(before, now=now)
     directory.mkdir(parents=True, exist_ok=True)
+    kept = _kept_ids(before)
     done = []
     for month in months_to_archive(before):
-        archived = _archive_month(month, directory, before)
+        archived = _archive_month(month, directory, kept)
         if archived is not None:
             done.append(archived)
     return done
 
 
-def _archive_month(month: datetime, directory: Path, before: datetime) -> ArchivedMonth | None:
+def _archive_month(month: datetime, directory: Path, kept: list[int]) -> ArchivedMonth | None:
     period = Period(month, month_after(month))
-    kept_ids = _kept_ids(period, before)
+    kept_ids = list(_in_period(period).filter(id__in=kept).values_list("id", flat=True))
     if _in_period(period).count() == len(kept_ids):
         return None  # only readings kept by an earlier archive, still needed
     path = _archive_file_new(directory, month)
@@ -164,7 +164,7 @@ def _archive_month(month: datetime, directory: Path, before: datetime) -> Archiv
         # Nothing may have arrived since the export (a history import, say).
         if _in_period(period).count() != count:
             raise ArchiveError(f"{month:%Y-%m} changed while it was exported; run again.")
-        if partitioned() and any(p.start == month for p in partitions_list()):
+        if any(partition.start == month for partition in partitions_list()):
             _partition_replace(month, kept_ids)
         else:
             _rows_delete(period, kept_ids)
@@ -194,31 +194,13 @@ def _rows_delete(period: Period, kept_ids: list[int]) -> None:
         )
 
 
-def _kept_ids(period: Period, before: datetime) -> list[int]:
-    """The last reading before `before` of each organisation's weighted_sum meters, where it
-    falls in `period`: later periods carry its level in."""
+def _kept_ids(before: datetime) -> list[int]:
+    """The last reading before `before` of each organisation's weighted_sum meters: later
+    periods carry its level in."""
     kept: list[int] = []
     for meter in Meter.objects.filter(aggregation=Aggregation.WEIGHTED_SUM):
-        events = _filtered(UsageEvent.objects.filter(meter=meter), meter).filter(
-            timestamp__lt=before
-        )
-        last = (
-            events.order_by()
-            .values("organisation_id")
-            .annotate(at=Max("timestamp"))
-            .values_list("organisation_id", "at")
-        )
-        condition = Q()
-        for organisation_id, at in last:
-            if period.start <= at < period.end:
-                condition |= Q(organisation_id=organisation_id, timestamp=at)
-        if condition:
-            newest: dict[int, int] = {}
-            for organisation_id, pk in events.filter(condition).values_list(
-                "organisation_id", "id"
-            ):
-                newest[organisation_id] = max(pk, newest.get(organisation_id, pk))
-            kept += newest.values()
+        events = _filtered(UsageEvent.objects.filter(meter=meter), meter)
+        kept += (pk for pk, _ in last_readings_before(events, before).values())
     return sorted(kept)
 
 
@@ -260,8 +242,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _manifest_path(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".jsonl.gz") + ".json")
+
+
 def _manifest_write(path: Path, **fields: Any) -> None:
-    manifest = path.with_name(path.name.removesuffix(".jsonl.gz") + ".json")
+    manifest = _manifest_path(path)
     body = {
         **fields,
         "month": fields["month"].strftime("%Y-%m"),
@@ -293,7 +279,7 @@ def events_restore(*, path: Path) -> int:
     """Load an archive file back; return how many events were inserted (present ones skipped).
 
     Read in chunks, in one transaction: a failure part-way loads nothing."""
-    manifest = path.with_name(path.name.removesuffix(".jsonl.gz") + ".json")
+    manifest = _manifest_path(path)
     if manifest.exists():
         expected = orjson.loads(manifest.read_bytes())
         if expected.get("sha256") and expected["sha256"] != _sha256(path):
@@ -338,7 +324,10 @@ _RESTORE_STAGING = "usage_restore_staging"
 
 
 def _insert_rows_postgresql(rows: list[dict[str, Any]]) -> int:
-    """`_insert_rows` by COPY into a staging table: a tenth of the time of row-by-row inserts."""
+    """`_insert_rows` by COPY into a staging table (a tenth of the time of row-by-row inserts).
+
+    The rows' `xact_id` is 0, below every watermark: `rollups_refold` (not the next fold) puts
+    them in the buckets, so they are never counted twice."""
     qn = connection.ops.quote_name
     table, keys = qn(UsageEvent._meta.db_table), qn(UsageEventKey._meta.db_table)
     columns = ", ".join(qn(str(UsageEvent._meta.get_field(n).column)) for n in FIELDS)  # type: ignore[union-attr]
@@ -372,44 +361,35 @@ def _insert_rows_postgresql(rows: list[dict[str, Any]]) -> int:
 
 
 def _insert_rows(rows: list[dict[str, Any]]) -> int:
-    """Insert with the original ids; a row whose id is present is skipped. On PostgreSQL the
-    rollups' `xact_id` is 0, below every watermark: `rollups_refold` (not the next fold) puts
-    them in the buckets, so they are never counted twice."""
+    """Insert with the original ids (SQLite); a row whose id is present is skipped."""
     qn = connection.ops.quote_name
     ops = connection.ops
-    columns = [str(UsageEvent._meta.get_field(name).column) for name in FIELDS]  # type: ignore[union-attr]
-    extra = ", xact_id" if connection.vendor == "postgresql" else ""
-    marks = ", ".join(["%s"] * len(columns)) + (", 0" if extra else "")
-    sql = (
-        f"INSERT INTO {qn(UsageEvent._meta.db_table)} "  # noqa: S608
-        f"({', '.join(qn(c) for c in columns)}{extra}) VALUES ({marks}) ON CONFLICT DO NOTHING"
-    )
-    inserted = 0
+    columns = ", ".join(qn(str(UsageEvent._meta.get_field(n).column)) for n in FIELDS)  # type: ignore[union-attr]
     with connection.cursor() as cursor:
-        for start in range(0, len(rows), _READ_CHUNK):
-            cursor.executemany(
-                sql,
-                [
-                    [
-                        row["id"],
-                        row["organisation_id"],
-                        row["meter_id"],
-                        ops.adapt_decimalfield_value(row["quantity"]),
-                        ops.adapt_json_value(row["properties"], None),
-                        ops.adapt_datetimefield_value(row["timestamp"]),
-                        ops.adapt_datetimefield_value(row["received_at"]),
-                        row["idempotency_key"],
-                        row["source"],
-                        row["delayed"],
-                    ]
-                    for row in rows[start : start + _READ_CHUNK]
-                ],
-            )
-            inserted += max(cursor.rowcount, 0)
-        keys_table = qn(UsageEventKey._meta.db_table)
         cursor.executemany(
-            f"INSERT INTO {keys_table} (organisation_id, idempotency_key, event_id) "  # noqa: S608
-            "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            f"INSERT INTO {qn(UsageEvent._meta.db_table)} ({columns}) "  # noqa: S608
+            f"VALUES ({', '.join(['%s'] * len(FIELDS))}) ON CONFLICT DO NOTHING",
+            [
+                [
+                    row["id"],
+                    row["organisation_id"],
+                    row["meter_id"],
+                    ops.adapt_decimalfield_value(row["quantity"]),
+                    ops.adapt_json_value(row["properties"], None),
+                    ops.adapt_datetimefield_value(row["timestamp"]),
+                    ops.adapt_datetimefield_value(row["received_at"]),
+                    row["idempotency_key"],
+                    row["source"],
+                    row["delayed"],
+                ]
+                for row in rows
+            ],
+        )
+        inserted = int(max(cursor.rowcount, 0))
+        cursor.executemany(
+            f"INSERT INTO {qn(UsageEventKey._meta.db_table)} "  # noqa: S608
+            "(organisation_id, idempotency_key, event_id) VALUES (%s, %s, %s) "
+            "ON CONFLICT DO NOTHING",
             [(row["organisation_id"], row["idempotency_key"], row["id"]) for row in rows],
         )
     return inserted

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from django.conf import settings
 from django.db import connection, transaction
 
+from core.periods import add_months
 from usage.models import UsageEvent
 
 DEFAULT_SUFFIX = "default"
@@ -66,13 +67,8 @@ def month_start(at: datetime) -> datetime:
 
 
 def month_after(start: datetime) -> datetime:
-    return month_add(start, 1)
-
-
-def month_add(start: datetime, months: int) -> datetime:
-    """The first instant of the UTC month `months` after `start`'s."""
-    index = start.year * 12 + start.month - 1 + months
-    return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
+    """The first instant of the UTC month after the one `start` (a month's start) begins."""
+    return add_months(start, 1)
 
 
 def months_between(start: datetime, end: datetime) -> list[datetime]:
@@ -135,7 +131,7 @@ def partitions_ensure(
     wanted = set(
         months_between(
             now - settings.INGEST_MAX_PAST,
-            month_add(month_start(now), settings.EVENT_PARTITIONS_AHEAD + 1),
+            add_months(month_start(now), settings.EVENT_PARTITIONS_AHEAD + 1),
         )
     )
     wanted |= {month_start(month) for month in months}

@@ -496,6 +496,17 @@ def _stretches(source: QuerySet[Any], *fields: str) -> QuerySet[Any]:
 
 def _carried_levels(events: QuerySet[UsageEvent], start: datetime) -> dict[int, Decimal]:
     """Each organisation's level at `start`: its last reading before it, by (timestamp, id)."""
+    return {
+        organisation_id: quantity
+        for organisation_id, (_, quantity) in last_readings_before(events, start).items()
+    }
+
+
+def last_readings_before(
+    events: QuerySet[UsageEvent], start: datetime
+) -> dict[int, tuple[int, Decimal]]:
+    """Each organisation's last event before `start` by (timestamp, id): {organisation: (id,
+    quantity)}. The reading a level meter carries into whatever starts at `start`."""
     last_at = dict(
         events.filter(timestamp__lt=start)
         .order_by()
@@ -508,13 +519,13 @@ def _carried_levels(events: QuerySet[UsageEvent], start: datetime) -> dict[int, 
     condition = Q()
     for organisation_id, at in last_at.items():
         condition |= Q(organisation_id=organisation_id, timestamp=at)
-    levels: dict[int, tuple[int, Decimal]] = {}
+    readings: dict[int, tuple[int, Decimal]] = {}
     for organisation_id, pk, quantity in events.filter(condition).values_list(
         "organisation_id", "id", "quantity"
     ):
-        if organisation_id not in levels or pk > levels[organisation_id][0]:
-            levels[organisation_id] = (pk, _decimal(quantity))
-    return {organisation_id: level for organisation_id, (_, level) in levels.items()}
+        if organisation_id not in readings or pk > readings[organisation_id][0]:
+            readings[organisation_id] = (pk, _decimal(quantity))
+    return readings
 
 
 def _integrate(

@@ -16,11 +16,10 @@ from django.db import IntegrityError, connection, transaction
 from django.db.migrations.executor import MigrationExecutor
 
 from accounts.tests.factories import make_organisation
-from core.periods import Period
+from core.periods import Period, add_months
 from usage.models import UsageEvent, UsageEventKey
 from usage.partitions import (
     default_partition,
-    month_add,
     month_start,
     partition_name,
     partitioned,
@@ -150,7 +149,7 @@ def test_events_land_in_their_months_partition_and_stragglers_in_the_default():
     months = {partition.start for partition in partitions_list()}
     this_month = month_start(NOW)
     for ahead in range(-1, 4):  # the migration made these; the schedule keeps them ahead
-        assert month_add(this_month, ahead) in months
+        assert add_months(this_month, ahead) in months
     organisation = make_organisation()
     make_meter("sum", code="tokens", property="n")
     old = datetime(2019, 5, 17, 12, tzinfo=UTC)  # far back: an import of history
@@ -218,10 +217,10 @@ def test_creating_a_month_moves_its_events_out_of_the_default_partition_unchange
 def test_the_schedule_creates_months_ahead(settings):
     settings.EVENT_PARTITIONS_AHEAD = 6
     this_month = month_start(NOW)
-    assert month_add(this_month, 6) not in {p.start for p in partitions_list()}
+    assert add_months(this_month, 6) not in {p.start for p in partitions_list()}
     said = ensure_event_partitions()
-    assert partition_name(month_add(this_month, 6)) in said
-    assert {month_add(this_month, n) for n in range(7)} <= {p.start for p in partitions_list()}
+    assert partition_name(add_months(this_month, 6)) in said
+    assert {add_months(this_month, n) for n in range(7)} <= {p.start for p in partitions_list()}
     assert ensure_event_partitions() == "every partition needed exists"
     # An insert goes on while a partition is created (ATTACH takes no lock that blocks it).
     organisation = make_organisation()
@@ -280,7 +279,7 @@ def test_a_period_read_touches_only_its_months_partitions():
     organisation = make_organisation()
     meter = make_meter("sum", code="tokens", property="n")
     this_month = month_start(NOW)
-    period = Period(this_month, month_add(this_month, 1))
+    period = Period(this_month, add_months(this_month, 1))
     events = UsageEvent.objects.filter(
         organisation=organisation,
         meter=meter,
